@@ -1,0 +1,277 @@
+"""`aero`: the command line of AeroLLMs. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from cluster.errors import UserError
+
+app = typer.Typer(
+    help="AeroLLMs: the whole life of a language model on Ray.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+jobs_app = typer.Typer(help="Ray jobs on a cluster (Ray Jobs API).", no_args_is_help=True)
+cluster_app = typer.Typer(help="Start, stop and inspect Ray clusters.", no_args_is_help=True)
+runs_app = typer.Typer(help="Read run folders and their manifests.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(runs_app, name="runs")
+
+ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)."
+JOBS_ADDRESS_HELP = "Ray dashboard URL (default: RAY_ADDRESS if http, else http://127.0.0.1:8265)."
+OVERRIDES_HELP = "Config overrides, key.sub=value (value read as YAML)."
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn a UserError into `error: ...` on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _recipe(config: Path, overrides: list[str], overlays: list[Path], address: str | None):
+    from cluster.config import load_recipe
+
+    recipe = load_recipe(config, overrides, overlays)
+    if address:
+        recipe.ray.address = address
+    return recipe
+
+
+@app.command()
+@user_errors
+def run(
+    stage: str = typer.Argument(..., help="Stage name, e.g. data."),
+    config: Path = typer.Argument(..., help="Recipe YAML."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+    overlay: Optional[List[Path]] = typer.Option(None, help="YAML files merged over the recipe, in order."),
+) -> None:
+    """Run one stage of a recipe (skipped if it finished with the same config and inputs)."""
+    from cluster.runner import run_stage
+
+    recipe = _recipe(config, overrides or [], overlay or [], address)
+    manifest = run_stage(recipe, stage)
+    typer.echo(f"{stage}: {manifest.status} -> {recipe.run_dir / stage}")
+
+
+@app.command()
+@user_errors
+def pipeline(
+    config: Path = typer.Argument(..., help="Recipe YAML."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+    overlay: Optional[List[Path]] = typer.Option(None, help="YAML files merged over the recipe, in order."),
+) -> None:
+    """Run the stages the recipe lists, in order, skipping those already finished."""
+    from cluster.runner import run_pipeline
+
+    recipe = _recipe(config, overrides or [], overlay or [], address)
+    manifests = run_pipeline(recipe)
+    for m in manifests:
+        typer.echo(f"{m.stage}: {m.status} ({m.metrics.get('wall_s', 0):.1f}s)")
+    typer.echo(f"run folder: {recipe.run_dir}")
+
+
+@app.command()
+@user_errors
+def submit(
+    target: str = typer.Argument(..., help="A stage name, or 'pipeline'."),
+    config: Path = typer.Argument(..., help="Recipe YAML inside the project folder."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    address: Optional[str] = typer.Option(None, help=JOBS_ADDRESS_HELP),
+    install: bool = typer.Option(True, help="pip-install the shipped project in the job's environment."),
+    follow: bool = typer.Option(False, help="Stream the job's logs until it ends."),
+    auth: str = typer.Option("token", help="Ray auth mode: token or disabled."),
+) -> None:
+    """Submit a stage or the whole pipeline as a Ray job, shipping this project folder."""
+    from cluster import jobs_api
+    from cluster.config import load_recipe
+    from cluster.stages import STAGE_TABLE
+
+    if target != "pipeline" and target not in STAGE_TABLE:
+        raise UserError(f"unknown target {target!r}: 'pipeline' or a stage ({', '.join(STAGE_TABLE)})")
+    load_recipe(config, overrides or [])  # fail here, not on the cluster
+    command = ["pipeline"] if target == "pipeline" else ["run", target]
+    command += [jobs_api.shipped_path(config), *(overrides or [])]
+    job_id = jobs_api.submit(command, address=address, install=install, auth=auth)
+    typer.echo(job_id)
+    if follow:
+        client = jobs_api.job_client(address, auth)
+        jobs_api.follow_logs(client, job_id)
+        status = jobs_api.wait_for(client, job_id)
+        typer.echo(f"job {job_id}: {status}", err=True)
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@jobs_app.command("list")
+@user_errors
+def jobs_list(address: Optional[str] = typer.Option(None, help=JOBS_ADDRESS_HELP)) -> None:
+    """List the cluster's jobs."""
+    from cluster import jobs_api
+
+    for job in jobs_api.job_client(address).list_jobs():
+        typer.echo(f"{job.submission_id or job.job_id}\t{job.status}\t{job.entrypoint}")
+
+
+@jobs_app.command("logs")
+@user_errors
+def jobs_logs(
+    job_id: str = typer.Argument(..., help="Submission id printed by `aero submit`."),
+    address: Optional[str] = typer.Option(None, help=JOBS_ADDRESS_HELP),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
+) -> None:
+    """Print a job's logs."""
+    from cluster import jobs_api
+
+    client = jobs_api.job_client(address)
+    try:
+        if follow:
+            jobs_api.follow_logs(client, job_id)
+        else:
+            typer.echo(client.get_job_logs(job_id), nl=False)
+    except RuntimeError as exc:
+        raise UserError(f"job {job_id}: {' '.join(str(exc).split())[:300]}") from None
+
+
+@jobs_app.command("stop")
+@user_errors
+def jobs_stop(
+    job_id: str = typer.Argument(...), address: Optional[str] = typer.Option(None, help=JOBS_ADDRESS_HELP)
+) -> None:
+    """Stop a running job."""
+    from cluster import jobs_api
+
+    try:
+        stopped = jobs_api.job_client(address).stop_job(job_id)
+    except RuntimeError as exc:
+        raise UserError(f"job {job_id}: {' '.join(str(exc).split())[:300]}") from None
+    typer.echo(f"{job_id}: {'stop requested' if stopped else 'was not running'}")
+
+
+@cluster_app.command("up")
+@user_errors
+def cluster_up(
+    config: Optional[Path] = typer.Option(None, "--config", help="Cluster-launcher file (ray_cluster.yaml); default: a local head."),
+    port: int = typer.Option(6379, help="GCS port of a local head."),
+    dashboard_port: int = typer.Option(8265, help="Dashboard port (bound to 127.0.0.1)."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs a local head offers (default: all)."),
+    auth: str = typer.Option("token", help="Ray auth mode: token or disabled."),
+) -> None:
+    """Start a local Ray head, or launch the cluster in a cluster-launcher file."""
+    from cluster.launcher import cluster_up as up
+
+    url = up(config_file=config, port=port, dashboard_port=dashboard_port, num_cpus=num_cpus, auth=auth)
+    typer.echo(f"Ray is up; dashboard: {url}")
+    if config is None:
+        typer.echo(f"export RAY_ADDRESS=127.0.0.1:{port}   # stages join it; aero jobs uses {url}")
+
+
+@cluster_app.command("down")
+@user_errors
+def cluster_down(
+    config: Optional[Path] = typer.Option(None, "--config", help="Cluster-launcher file; default: stop local Ray."),
+) -> None:
+    """Stop the local Ray processes, or tear down a launched cluster."""
+    from cluster.launcher import cluster_down as down
+
+    down(config_file=config)
+    typer.echo("Ray is down")
+
+
+@cluster_app.command("status")
+@user_errors
+def cluster_status(
+    address: Optional[str] = typer.Option(None, help="Cluster address (default: RAY_ADDRESS, else the local head)."),
+) -> None:
+    """Print the cluster's nodes, resources and dashboard URL."""
+    from cluster.launcher import cluster_status as status
+
+    info = status(address)
+    typer.echo(f"dashboard: {info['dashboard'] or '(none)'}")
+    for node in info["nodes"]:
+        state = "alive" if node["alive"] else "dead"
+        typer.echo(f"node {node['node_id']} {node['address']} {state} {json.dumps(node['resources'])}")
+    typer.echo(f"total: {json.dumps(info['total'])}")
+    typer.echo(f"available: {json.dumps(info['available'])}")
+
+
+def _run_dir(run: str, runs_dir: Path) -> Path:
+    path = Path(run) if Path(run).is_dir() and not (runs_dir / run).is_dir() else runs_dir / run
+    if not path.is_dir():
+        raise UserError(f"run {run!r} not found in {runs_dir}")
+    return path
+
+
+@runs_app.command("list")
+@user_errors
+def runs_list(runs_dir: Path = typer.Option(Path("runs"), help="Folder that holds run folders.")) -> None:
+    """List runs and the status of each stage."""
+    from cluster.manifest import read_manifest
+
+    if not runs_dir.is_dir():
+        raise UserError(f"{runs_dir}: no runs folder here")
+    for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        stages = [(d.name, read_manifest(d)) for d in sorted(run_dir.iterdir()) if d.is_dir()]
+        summary = ", ".join(f"{name}={m.status}" for name, m in stages if m is not None)
+        typer.echo(f"{run_dir.name}\t{summary or '(no stages)'}")
+
+
+@runs_app.command("show")
+@user_errors
+def runs_show(
+    run: str = typer.Argument(..., help="Run name (or a run folder)."),
+    runs_dir: Path = typer.Option(Path("runs"), help="Folder that holds run folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifests as JSON."),
+) -> None:
+    """Show each stage's manifest: status, config hash, inputs, outputs and metrics."""
+    from cluster.manifest import read_manifest
+
+    run_dir = _run_dir(run, runs_dir)
+    manifests = [m for d in sorted(run_dir.iterdir()) if d.is_dir() and (m := read_manifest(d))]
+    manifests.sort(key=lambda m: m.started_at)
+    if as_json:
+        typer.echo(json.dumps([m.model_dump() for m in manifests], indent=2))
+        return
+    for m in manifests:
+        typer.echo(f"{m.stage}: {m.status}  fingerprint {m.fingerprint[:12]}  {m.started_at} -> {m.ended_at or '...'}")
+        for key, value in m.inputs.items():
+            typer.echo(f"  in   {key}: {value[:12]}")
+        for key, art in m.outputs.items():
+            typer.echo(f"  out  {key}: {art.path} sha256 {art.sha256[:12]}")
+        if m.metrics:
+            typer.echo(f"  metrics {json.dumps(m.metrics)}")
+        if m.error:
+            typer.echo(f"  error {m.error}")
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of AeroLLMs, Ray, torch, DeepSpeed and transformers."""
+    from cluster.versions import git_commit, package_versions
+
+    for name, ver in package_versions(("aerollms", "ray", "torch", "deepspeed", "transformers", "trl")).items():
+        typer.echo(f"{name} {ver or 'not installed'}")
+    typer.echo(f"commit {git_commit() or 'unknown'}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

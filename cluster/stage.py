@@ -1,0 +1,68 @@
+"""The contract between the pipeline runner and a stage.
+
+A stage module (in `data_jobs/`, `jobs/`, `serve/`) exposes `STAGE = Stage(...)`: its
+config model, a `run(ctx, config)` function that runs in the driver and uses Ray for the
+heavy work (Ray Data, Ray Train, Ray Serve), the stages whose outputs it reads, and
+optionally a function that hashes its outside inputs (source files). Stage modules keep
+heavy imports inside functions so that validating a recipe stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from cluster.errors import UserError
+from cluster.manifest import Manifest, read_manifest
+
+
+@dataclass
+class StageResult:
+    """What a finished stage hands back: named output paths (hashed into the manifest) and metrics."""
+
+    outputs: dict[str, Path] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """Where a stage writes (`stage_dir`) and how it finds what earlier stages wrote."""
+
+    name: str
+    run: str
+    run_dir: Path
+    stage_dir: Path
+
+    def upstream(self, stage: str) -> Manifest:
+        """The finished manifest of an earlier stage of this run, or a clear error."""
+        manifest = read_manifest(self.run_dir / stage)
+        if manifest is None or manifest.status != "finished":
+            state = "has not run" if manifest is None else f"is {manifest.status}"
+            raise UserError(
+                f"stage {self.name!r} needs stage {stage!r} of run {self.run!r}, which {state} "
+                f"(looked in {self.run_dir / stage}); run it first: aero run {stage} CONFIG"
+            )
+        return manifest
+
+    def upstream_output(self, stage: str, output: str) -> Path:
+        manifest = self.upstream(stage)
+        if output not in manifest.outputs:
+            raise UserError(f"stage {stage!r} of run {self.run!r} has no output {output!r}")
+        return Path(manifest.outputs[output].path)
+
+
+def _no_outside_inputs(ctx: StageContext, config: Any) -> dict[str, str]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config_model: type[BaseModel]
+    run: Callable[[StageContext, Any], StageResult]
+    needs: tuple[str, ...] = ()
+    outside_inputs: Callable[[StageContext, Any], dict[str, str]] = _no_outside_inputs
+    description: str = ""

@@ -1,0 +1,27 @@
+"""The table of stages, by name, as import strings.
+
+`cluster/` never imports a stage at module import time: the runner resolves a name here
+when it needs the stage, so the import direction stays stage -> cluster. To add a stage,
+write a module exposing `STAGE = cluster.stage.Stage(...)` and add one line below.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from cluster.errors import UserError
+from cluster.stage import Stage
+
+STAGE_TABLE: dict[str, str] = {
+    "data": "data_jobs.corpus_stage:STAGE",
+}
+
+
+def load_stage(name: str) -> Stage:
+    if name not in STAGE_TABLE:
+        raise UserError(f"unknown stage {name!r} (known: {', '.join(STAGE_TABLE)})")
+    module_name, _, attr = STAGE_TABLE[name].partition(":")
+    stage = getattr(importlib.import_module(module_name), attr)
+    if not isinstance(stage, Stage) or stage.name != name:
+        raise TypeError(f"{STAGE_TABLE[name]} is not the Stage named {name!r}")
+    return stage
