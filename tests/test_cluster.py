@@ -1,0 +1,71 @@
+"""A local Ray started by `aero cluster up` takes jobs through `aero submit`; the
+cluster-launcher file passes Ray's own validation."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from cluster.errors import ConfigError
+from cluster.launcher import validate_cluster_file
+from tests.conftest import REPO, aero
+
+
+def test_ray_cluster_yaml_passes_rays_validation():
+    config = validate_cluster_file(REPO / "ray_cluster.yaml")
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    assert {"cpu_worker", "gpu_worker"} <= set(types)
+    assert types["gpu_worker"]["max_workers"] >= 1
+    assert any("[gpu]" in cmd for cmd in config["setup_commands"])
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda c: c["available_node_types"]["cpu_worker"].__setitem__("min_workers", "two"),
+        lambda c: c.__setitem__("head_node_type", "missing_type"),
+        lambda c: c.__setitem__("unknown_field", 1),
+    ],
+    ids=["wrong-type", "bad-head-type", "unknown-field"],
+)
+def test_broken_cluster_file_is_rejected_before_launch(tmp_path, mutate):
+    config = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    mutate(config)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="rejected by Ray's cluster-config validation"):
+        validate_cluster_file(path)
+    result = aero("cluster", "up", f"--config={path}")
+    assert result.returncode == 2 and "rejected by Ray's cluster-config validation" in result.stderr
+
+
+def test_cluster_status_lists_the_node_and_dashboard(ray_cluster):
+    result = aero("cluster", "status", f"--address={ray_cluster['address']}")
+    assert result.returncode == 0, result.stderr
+    assert f"dashboard: {ray_cluster['dashboard']}" in result.stdout
+    assert '"CPU": 2.0' in result.stdout
+
+
+@pytest.mark.slow
+def test_submitted_stage_runs_as_a_ray_job_and_logs_show_it(ray_cluster, tmp_path):
+    """`aero submit` ships the project (and pip-installs it in the job's env); the job runs
+    the stage against the cluster; `aero jobs logs` shows what it printed."""
+    recipe = REPO / "tests" / "data" / "submit-recipe.yaml"
+    dashboard = f"--address={ray_cluster['dashboard']}"
+    result = aero("submit", "data", str(recipe), f"runs_dir={tmp_path}", dashboard, "--follow", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    job_id = result.stdout.strip().splitlines()[0]
+    assert job_id.startswith("raysubmit_")
+
+    logs = aero("jobs", "logs", job_id, dashboard)
+    assert logs.returncode == 0, logs.stderr
+    assert "aero: data: 5 documents, 0 rejected" in logs.stdout
+    assert (tmp_path / "submitted/data/manifest.json").exists()
+    listed = aero("jobs", "list", dashboard)
+    assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+
+    unknown = aero("jobs", "logs", "raysubmit_nope", dashboard)
+    assert unknown.returncode == 2 and "raysubmit_nope" in unknown.stderr

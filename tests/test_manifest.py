@@ -1,0 +1,104 @@
+"""Manifests are atomic; finished stages are skipped, changed ones rerun, failed ones resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from cluster.config import load_recipe
+from cluster.manifest import Manifest, read_manifest, utc_now, write_manifest
+from cluster.runner import run_stage
+from tests.conftest import write_recipe
+
+
+def _manifest(status: str) -> Manifest:
+    return Manifest(stage="s", run="r", status=status, fingerprint="f", config={}, started_at=utc_now())
+
+
+def test_manifest_write_is_atomic_when_killed_mid_write(tmp_path, monkeypatch):
+    write_manifest(tmp_path, _manifest("running"))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed between write and rename")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_manifest(tmp_path, _manifest("finished"))
+    monkeypatch.undo()
+    assert read_manifest(tmp_path).status == "running"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no temp file left
+
+
+def test_torn_manifest_reads_as_absent(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"stage": "s", "status": "fini')
+    assert read_manifest(tmp_path) is None
+
+
+def test_stage_is_skipped_on_rerun_and_rerun_when_config_changes(ray_cluster, tmp_path, small_corpus):
+    recipe_path = write_recipe(tmp_path / "r.yaml", run="skip", runs_dir=tmp_path / "runs", sources=[str(small_corpus)])
+    runner = CliRunner()
+
+    first = runner.invoke(app, ["run", "data", str(recipe_path)])
+    assert first.exit_code == 0, first.output
+    m1 = read_manifest(tmp_path / "runs/skip/data")
+    assert m1.status == "finished" and m1.metrics["documents_out"] == 5
+
+    second = runner.invoke(app, ["pipeline", str(recipe_path)])
+    assert second.exit_code == 0, second.output
+    assert "skipped" in second.output
+    assert read_manifest(tmp_path / "runs/skip/data").started_at == m1.started_at
+
+    third = runner.invoke(app, ["run", "data", str(recipe_path), "data.max_doc_chars=20"])
+    assert third.exit_code == 0, third.output
+    m3 = read_manifest(tmp_path / "runs/skip/data")
+    assert m3.fingerprint != m1.fingerprint
+    assert m3.config["max_doc_chars"] == 20
+    assert m3.metrics["rejected"] >= 1  # the long note is now over the limit
+
+    # An input file changes: the stage reruns too.
+    (small_corpus / "extra.txt").write_text("New doc.")
+    load = load_recipe(recipe_path, ["data.max_doc_chars=20"])
+    m4 = run_stage(load, "data")
+    assert m4.inputs != m3.inputs and m4.metrics["documents_out"] == m3.metrics["documents_out"] + 1
+
+
+def test_failed_stage_is_recorded_and_resumes_on_rerun(ray_cluster, tmp_path, small_corpus, monkeypatch):
+    """A source file deleted while the stage runs fails it; the manifest says failed, with the
+    error; once the file is back, the rerun (same fingerprint) resumes and finishes."""
+    volatile = tmp_path / "volatile.txt"
+    volatile.write_text("present when inputs are hashed")
+    recipe_path = write_recipe(
+        tmp_path / "r.yaml", run="fail", runs_dir=tmp_path / "runs", sources=[str(small_corpus), str(volatile)]
+    )
+    recipe = load_recipe(recipe_path)
+    import data_jobs.corpus_stage as corpus
+
+    original = corpus.resolve_source
+    calls = []
+
+    def resolve_then_delete(spec, staging):
+        """The first resolution hashes the inputs; the file is gone by the time the stage reads it."""
+        result = original(spec, staging)
+        if spec == str(volatile):
+            calls.append(spec)
+            if len(calls) == 2:
+                volatile.unlink()
+        return result
+
+    monkeypatch.setattr(corpus, "resolve_source", resolve_then_delete)
+    with pytest.raises(Exception, match="volatile.txt"):
+        run_stage(recipe, "data")
+    monkeypatch.undo()
+    failed = read_manifest(tmp_path / "runs/fail/data")
+    assert failed.status == "failed" and "volatile.txt" in failed.error
+
+    volatile.write_text("present when inputs are hashed")
+    resumed = run_stage(recipe, "data")
+    assert resumed.status == "finished"
+    assert resumed.fingerprint == failed.fingerprint
+    stats = json.loads((tmp_path / "runs/fail/data/stats.json").read_text())
+    assert stats["documents_out"] == 6
