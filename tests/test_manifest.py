@@ -102,3 +102,27 @@ def test_failed_stage_is_recorded_and_resumes_on_rerun(ray_cluster, tmp_path, sm
     assert resumed.fingerprint == failed.fingerprint
     stats = json.loads((tmp_path / "runs/fail/data/stats.json").read_text())
     assert stats["documents_out"] == 6
+
+
+@pytest.mark.slow
+def test_default_recipe_runs_and_runs_show_prints_its_lineage(ray_cluster, tmp_path):
+    """The README's demo recipe end to end, then `aero runs list/show` read its manifest."""
+    from tests.conftest import REPO
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["pipeline", str(REPO / "configs/tiny-cpu.yaml"), f"runs_dir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "tiny-cpu/data")
+    assert manifest.status == "finished"
+    assert manifest.metrics["documents_by_kind"]["code"] >= 1
+    assert manifest.metrics["documents_out"] > 80  # pydoc topics + json sources + samples
+    assert manifest.versions["ray"].startswith("2.60")
+
+    listed = runner.invoke(app, ["runs", "list", f"--runs-dir={tmp_path}"])
+    assert "tiny-cpu\tdata=finished" in listed.output
+    shown = runner.invoke(app, ["runs", "show", "tiny-cpu", f"--runs-dir={tmp_path}"])
+    assert shown.exit_code == 0, shown.output
+    assert f"out  documents: {tmp_path}/tiny-cpu/data/documents sha256 {manifest.outputs['documents'].sha256[:12]}" in shown.output
+    assert "in   source:stdlib:docs:" in shown.output
+    as_json = runner.invoke(app, ["runs", "show", "tiny-cpu", f"--runs-dir={tmp_path}", "--json"])
+    assert json.loads(as_json.output)[0]["fingerprint"] == manifest.fingerprint
