@@ -47,9 +47,10 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def signature(word_hashes: np.ndarray, cfg: DedupConfig, perms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """uint32[num_perm] MinHash of the document's word n-gram shingles."""
-    shingles = ngram_hashes(word_hashes, cfg.shingle_words)
+    # A document shorter than one shingle is one shingle of all its words.
+    shingles = ngram_hashes(word_hashes, min(cfg.shingle_words, max(len(word_hashes), 1)))
     if len(shingles) == 0:
-        shingles = np.array([xxhash.xxh3_64_intdigest(b"")], dtype=np.uint64) if len(word_hashes) == 0 else word_hashes[:1]
+        shingles = np.array([xxhash.xxh3_64_intdigest(b"")], dtype=np.uint64)
     shingles = np.unique(shingles & _MAX32)
     a, b = perms
     result = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)

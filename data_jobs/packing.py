@@ -9,6 +9,7 @@ from functools import lru_cache
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 
 @lru_cache(maxsize=2)
@@ -27,16 +28,19 @@ def pack_ids(id_lists: list[list[int]], eos_id: int, seq_len: int) -> tuple[np.n
     return stream[: n * seq_len].reshape(n, seq_len), len(stream) - n * seq_len
 
 
-def tokenize_and_pack(batch: pd.DataFrame, tokenizer_path: str, seq_len: int) -> pd.DataFrame:
+def tokenize_and_pack(batch: pd.DataFrame, tokenizer_path: str, seq_len: int) -> pa.Table:
+    """Rows of `input_ids` as fixed-size int32 lists (plain parquet any reader understands)."""
     tok = _tokenizer(tokenizer_path)
     ids = tok(list(batch["text"]), add_special_tokens=False)["input_ids"]
     sequences, dropped = pack_ids(ids, tok.eos_token_id, seq_len)
-    tokens = sum(len(i) + 1 for i in ids)
-    frame = pd.DataFrame({"input_ids": list(sequences)})
-    # Batch totals ride on the first row so the stage can add them up without a second pass.
-    frame["batch_tokens"] = 0
-    frame["batch_dropped"] = 0
-    frame["batch_docs"] = 0
-    if len(frame):
-        frame.loc[0, ["batch_tokens", "batch_dropped", "batch_docs"]] = [tokens, dropped, len(ids)]
-    return frame
+    # Batch totals ride on an extra row (flag `is_totals`) that the stage drops from the shards,
+    # so counts survive even for a batch too short to fill one sequence.
+    sequences = np.concatenate([sequences, np.zeros((1, seq_len), dtype=np.int32)])
+    totals = np.zeros((3, len(sequences)), dtype=np.int64)
+    totals[:, -1] = [sum(len(i) + 1 for i in ids), dropped, len(ids)]
+    is_totals = np.zeros(len(sequences), dtype=np.int8)
+    is_totals[-1] = 1
+    return pa.table({
+        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(sequences.ravel(), pa.int32()), seq_len),
+        "batch_tokens": totals[0], "batch_dropped": totals[1], "batch_docs": totals[2], "is_totals": is_totals,
+    })

@@ -98,8 +98,9 @@ def run(ctx: StageContext, config: TokenizerConfig) -> StageResult:
             fn_kwargs={"tokenizer_path": str(tokenizer_dir), "seq_len": config.seq_len},
         ).materialize()
         totals = packed.sum(["batch_tokens", "batch_dropped", "batch_docs"]) if packed.count() else {}
-        _write_fresh(out, packed.select_columns(["input_ids"]).write_parquet)
-        sequences = packed.count()
+        shards = packed.filter(expr=col("is_totals") == 0).select_columns(["input_ids"])
+        _write_fresh(out, shards.write_parquet)
+        sequences = shards.count()
         if sequences == 0:
             raise RuntimeError(
                 f"split {split!r} packed into 0 sequences of {config.seq_len} tokens: the corpus is too "
