@@ -26,7 +26,7 @@ from data_jobs.quality import (
     identify_language,
     language_rule,
 )
-from data_jobs.text_stats import word_hashes
+from data_jobs.text_stats import words_and_hashes
 
 COLUMNS = [
     "doc_id", "source", "kind", "language", "text", "n_bytes", "n_bytes_in", "step", "reason",
@@ -34,29 +34,29 @@ COLUMNS = [
 ]
 
 
-def _quality(text: str, kind: str, language: str, cfg: QualityConfig) -> tuple[str | None, str, str, str]:
-    """(reason or None, step, language, text possibly edited by C4's line rules)."""
+def _quality(text: str, kind: str, language: str, cfg: QualityConfig):
+    """(reason or None, step, language, text possibly edited by C4's line rules, word hashes)."""
     if kind == "code":
         if cfg.code.enabled and (reason := code_rules(text, cfg.code)):
-            return reason, "code", language, text
-        return None, "", language, text
+            return reason, "code", language, text, None
+        return None, "", language, text, None
     if cfg.language.enabled:
-        language, confidence = identify_language(text)
+        language, confidence = identify_language(text, cfg.language.max_chars)
         if reason := language_rule(language, confidence, cfg.language):
-            return reason, "language", language, text
+            return reason, "language", language, text, None
     if cfg.c4.enabled:
         reason, text = c4_rules(text, cfg.c4)
         if reason:
-            return reason, "c4", language, text
-    words = text.lower().split()
-    if cfg.gopher_quality.enabled and (reason := gopher_quality(text, words, language, cfg.gopher_quality)):
-        return reason, "gopher_quality", language, text
+            return reason, "c4", language, text, None
+    if cfg.gopher_quality.enabled:
+        reason = gopher_quality(text, text.lower().split(), language, cfg.gopher_quality)
+        if reason:
+            return reason, "gopher_quality", language, text, None
+    hashes, lengths = words_and_hashes(text)
     if cfg.gopher_repetition.enabled:
-        hashes = word_hashes(words)
-        lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
         if reason := gopher_repetition(text, hashes, lengths, cfg.gopher_repetition):
-            return reason, "gopher_repetition", language, text
-    return None, "", language, text
+            return reason, "gopher_repetition", language, text, None
+    return None, "", language, text, hashes
 
 
 def clean_files(
@@ -83,13 +83,17 @@ def clean_files(
             if not text:
                 reject(doc_id, "normalize", "normalize: empty after normalization", n_in, kind)
                 continue
-            reason, step, language, text = _quality(text, kind, language, quality_cfg)
+            reason, step, language, text, hashes = _quality(text, kind, language, quality_cfg)
             if reason:
                 reject(doc_id, step, reason, n_in, kind, language)
                 continue
+            if dedup_cfg.near:
+                # Signed before PII scrubbing: copies that differ only in an address are still copies.
+                hashes = words_and_hashes(text)[0] if hashes is None else hashes
+                sig = signature(hashes, dedup_cfg, perms)
+            else:
+                sig = np.zeros(0, np.uint32)
             text, counts = scrub_pii(text, pii_cfg)
-            words = text.lower().split()
-            sig = signature(word_hashes(words), dedup_cfg, perms) if dedup_cfg.near else np.zeros(0, np.uint32)
             rows.append((
                 doc_id, path, kind, language,
                 text, len(text.encode("utf-8")), n_in, "", "", json.dumps(dict(counts)) if counts else "",

@@ -147,7 +147,6 @@ def _clean_parts(ctx: StageContext, config: CorpusConfig, files: list[SourceFile
 
 
 def run(ctx: StageContext, config: CorpusConfig) -> StageResult:
-    import pandas as pd
     import ray.data
     from ray.data.expressions import col
 
@@ -163,9 +162,7 @@ def run(ctx: StageContext, config: CorpusConfig) -> StageResult:
     rows = ray.data.read_parquet(str(parts_dir), file_extensions=["parquet"])
     kept = rows.filter(expr=col("reason") == "")
 
-    duplicates = find_duplicates(
-        kept.select_columns(["doc_id", "text_hash", "signature"]), config.dedup, config.shuffle_partitions
-    )
+    duplicates = find_duplicates(kept, config.dedup, config.shuffle_partitions)
     (ctx.stage_dir / "dedup").mkdir(exist_ok=True)
     duplicates.to_parquet(ctx.stage_dir / "dedup" / "duplicates.parquet", index=False)
     drop = set(duplicates["doc_id"])

@@ -1,8 +1,9 @@
 """Global dedup over the cleaned parts, the Ray way, in one hash shuffle: each document
-emits one row keyed by its exact text hash and one per MinHash band; Ray Data groups the
-keys; exact groups give exact-duplicate pairs, band buckets give near-duplicate candidates
-(checked against the bucket's first member's signature). Pairs are joined into clusters
-with union-find in the driver: only document ids and duplicate pairs reach it, never the
+emits one (key, doc_id) row for its exact text hash and one per MinHash band; Ray Data
+hash-partitions the rows by key; exact groups give exact-duplicate pairs, band buckets give near-duplicate
+candidates. Only the candidates' signatures are then fetched (a filter over the parts) to
+check their estimated Jaccard, and pairs are joined into clusters with union-find in the
+driver: only document ids, duplicate pairs and candidate signatures reach it, never the
 corpus. In every cluster the smallest doc_id is kept, so reruns choose the same one.
 """
 
@@ -19,39 +20,28 @@ EXACT, NEAR = 0, 1
 
 def _key_rows(batch: pd.DataFrame, cfg: dict) -> pd.DataFrame:
     dedup = DedupConfig(**cfg)
-    keys, kinds, ids, sigs = [], [], [], []
+    keys, kinds, ids = [], [], []
     for doc_id, text_hash, sig_bytes in zip(batch["doc_id"], batch["text_hash"], batch["signature"]):
         if dedup.exact:
             keys.append(xxhash.xxh3_64_intdigest(text_hash.encode(), seed=1 << 20))
             kinds.append(EXACT)
             ids.append(doc_id)
-            sigs.append(b"")
         if dedup.near:
             for key in band_keys(np.frombuffer(sig_bytes, dtype=np.uint32), dedup):
                 keys.append(key)
                 kinds.append(NEAR)
                 ids.append(doc_id)
-                sigs.append(sig_bytes)
-    return pd.DataFrame(
-        {"key": np.array(keys, dtype=np.uint64), "kind": np.array(kinds, dtype=np.int8), "doc_id": ids, "signature": sigs}
-    )
+    return pd.DataFrame({"key": np.array(keys, dtype=np.uint64), "kind": np.array(kinds, dtype=np.int8), "doc_id": ids})
 
 
-def _group_pairs(group: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    pairs = []
-    for kind, members in group.groupby("kind"):
-        if len(members) < 2:
-            continue
-        members = members.sort_values("doc_id")
-        ids = list(members["doc_id"])
-        if kind == EXACT:
-            pairs += [(ids[0], other, EXACT) for other in ids[1:]]
-        else:
-            sigs = [np.frombuffer(s, dtype=np.uint32) for s in members["signature"]]
-            pairs += [
-                (ids[0], ids[i], NEAR) for i in range(1, len(ids)) if estimated_jaccard(sigs[0], sigs[i]) >= threshold
-            ]
-    return pd.DataFrame(pairs, columns=["a", "b", "kind"]).astype({"a": object, "b": object, "kind": np.int8})
+def _partition_pairs(batch: pd.DataFrame) -> pd.DataFrame:
+    """Star pairs (smallest id, each other id) of every key shared by more than one document,
+    for one hash partition at once (pandas groupby, not one Python call per key)."""
+    rows = batch.drop_duplicates(["key", "kind", "doc_id"])
+    rows = rows[rows.groupby(["key", "kind"])["doc_id"].transform("size") > 1]
+    first = rows.groupby(["key", "kind"])["doc_id"].transform("min")
+    pairs = pd.DataFrame({"a": first.to_numpy(), "b": rows["doc_id"].to_numpy(), "kind": rows["kind"].to_numpy()})
+    return pairs[pairs["a"] != pairs["b"]].drop_duplicates().astype({"a": object, "b": object, "kind": np.int8})
 
 
 def find_duplicates(kept, cfg: DedupConfig, partitions: int) -> pd.DataFrame:
@@ -60,13 +50,31 @@ def find_duplicates(kept, cfg: DedupConfig, partitions: int) -> pd.DataFrame:
     columns = ["doc_id", "kept", "dedup"]
     if not (cfg.exact or cfg.near):
         return pd.DataFrame(columns=columns)
+    from ray.data.expressions import col
+
     pairs = (
-        kept.map_batches(_key_rows, batch_format="pandas", fn_kwargs={"cfg": cfg.model_dump()})
-        .groupby("key", num_partitions=partitions)
-        .map_groups(_group_pairs, batch_format="pandas", fn_kwargs={"threshold": cfg.threshold})
+        kept.select_columns(["doc_id", "text_hash", "signature"])
+        .map_batches(_key_rows, batch_format="pandas", fn_kwargs={"cfg": cfg.model_dump()})
+        .repartition(partitions, shuffle=True, keys=["key"])
+        .map_batches(_partition_pairs, batch_size=None, batch_format="pandas")
         .to_pandas()
         .reindex(columns=["a", "b", "kind"])
+        .drop_duplicates()
     )
+    candidates = pairs[pairs["kind"] == NEAR]
+    wanted = sorted(set(candidates["a"]) | set(candidates["b"]))
+    signatures = {}
+    if wanted:
+        rows = kept.filter(expr=col("doc_id").is_in(wanted)).select_columns(["doc_id", "signature"]).to_pandas()
+        signatures = {d: np.frombuffer(s, dtype=np.uint32) for d, s in zip(rows["doc_id"], rows["signature"])}
+    verified = np.array(
+        [
+            estimated_jaccard(signatures[a], signatures[b]) >= cfg.threshold if k == NEAR else True
+            for a, b, k in zip(pairs["a"], pairs["b"], pairs["kind"])
+        ],
+        dtype=bool,
+    )
+    pairs = pairs[verified]
     exact, near = UnionFind(), UnionFind()
     for a, b in zip(pairs["a"][pairs["kind"] == EXACT], pairs["b"][pairs["kind"] == EXACT]):
         exact.union(a, b)

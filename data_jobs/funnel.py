@@ -17,10 +17,10 @@ def plot_funnel(steps: list[dict], path: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(steps) + 1.6), sharey=True)
     for ax, values, xlabel in ((axes[0], docs, "documents left"), (axes[1], mbytes, "MB left")):
         ax.barh(labels, values, color="#4C72B0")
-        ax.invert_yaxis()
         ax.set_xlabel(xlabel)
         for y, v in enumerate(values):
             ax.text(v, y, f" {v:,.0f}" if xlabel.startswith("doc") else f" {v:,.2f}", va="center", fontsize=8)
+    axes[0].invert_yaxis()  # the axes share y: invert once, so the funnel reads top-down
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

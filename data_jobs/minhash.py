@@ -51,7 +51,7 @@ def signature(word_hashes: np.ndarray, cfg: DedupConfig, perms: tuple[np.ndarray
     shingles = ngram_hashes(word_hashes, min(cfg.shingle_words, max(len(word_hashes), 1)))
     if len(shingles) == 0:
         shingles = np.array([xxhash.xxh3_64_intdigest(b"")], dtype=np.uint64)
-    shingles = np.unique(shingles & _MAX32)
+    shingles = shingles & _MAX32  # repeats do not change a minimum
     a, b = perms
     result = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
     with np.errstate(over="ignore"):

@@ -32,6 +32,9 @@ class PiiConfig(StrictModel):
     keep_private_ips: bool = False
 
 
+_SECRET_HINTS = ("-----BEGIN", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "sk-", "AIza", "hf_", "eyJ")
+_ASSIGNED_HINTS = ("key", "token", "secret", "pass", "KEY", "TOKEN", "SECRET", "PASS", "Key", "Token", "Secret", "Pass")
+_DIGIT_RUN = re.compile(r"\d[\d .()+-]{5,}\d|\d+\.\d+\.\d+\.\d+")
 _SECRET_PATTERNS = [
     re.compile(r"-----BEGIN (?:RSA |EC |DSA |OPENSSH |PGP )?PRIVATE KEY-----[\s\S]+?-----END (?:RSA |EC |DSA |OPENSSH |PGP )?PRIVATE KEY-----"),
     re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),                      # AWS access key id
@@ -85,9 +88,11 @@ def scrub_pii(text: str, cfg: PiiConfig) -> tuple[str, Counter]:
 
         return pattern.sub(repl, text)
 
-    if cfg.secret:
+    # Each pattern runs only when a cheap substring check says it could match.
+    if cfg.secret and any(h in text for h in _SECRET_HINTS):
         for pattern in _SECRET_PATTERNS:
             text = sub(pattern, "secret", text)
+    if cfg.secret and any(h in text for h in _ASSIGNED_HINTS):
 
         def assigned(m: re.Match) -> str:
             if not _looks_random(m.group(2)):
@@ -96,9 +101,10 @@ def scrub_pii(text: str, cfg: PiiConfig) -> tuple[str, Counter]:
             return m.group(1) + PLACEHOLDERS["secret"] + m.group(3)
 
         text = _ASSIGNED_SECRET.sub(assigned, text)
-    if cfg.email:
+    if cfg.email and "@" in text:
         text = sub(_EMAIL, "email", text)
-    if cfg.credit_card:
+    digits = _DIGIT_RUN.search(text) is not None
+    if cfg.credit_card and digits:
         def is_card(m: re.Match) -> bool:
             digits = re.sub(r"\D", "", m.group(0))
             return 13 <= len(digits) <= 19 and luhn_valid(digits)
@@ -112,8 +118,10 @@ def scrub_pii(text: str, cfg: PiiConfig) -> tuple[str, Counter]:
                 return False
             return not (cfg.keep_private_ips and (ip.is_private or ip.is_loopback))
 
-        text = sub(_IPV4, "ip_address", text, is_ip)
-        text = sub(_IPV6, "ip_address", text, is_ip)
-    if cfg.phone:
+        if digits:
+            text = sub(_IPV4, "ip_address", text, is_ip)
+        if text.count(":") >= 7:
+            text = sub(_IPV6, "ip_address", text, is_ip)
+    if cfg.phone and digits:
         text = sub(_PHONE, "phone", text, lambda m: sum(c.isdigit() for c in m.group(0)) >= 9)
     return text, counts

@@ -61,6 +61,7 @@ class C4Rules(StrictModel):
 
 class LanguageId(StrictModel):
     enabled: bool = True
+    max_chars: int = Field(default=1500, ge=100, description="characters of each document the identifier reads")
     languages: list[str] | None = Field(default=None, description="allowed ISO 639-1 codes; null = any")
     min_confidence: float = Field(default=0.5, ge=0, le=1)
 
@@ -84,6 +85,7 @@ class QualityConfig(StrictModel):
 _BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "–", "-", "*", "‣", "⁃")
 _TERMINAL = (".", "!", "?", '"', "'", "”", "’", ":", ";", "。", "！", "？")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+_NO_LETTER_WORD = re.compile(r"(?<!\S)(?:[\d_]|[^\w\s])+(?!\S)")
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 _SENTENCE_END = re.compile(r"[.!?。！？]+(?:\s|$)")
 
@@ -94,8 +96,8 @@ def gopher_quality(text: str, words: list[str], language: str, cfg: GopherQualit
         return f"gopher_quality: {n} words < {cfg.min_words}"
     if n > cfg.max_words:
         return f"gopher_quality: {n} words > {cfg.max_words}"
-    alpha_words = [w for w in words if any(c.isalpha() for c in w)]
-    mean_len = sum(len(w) for w in words) / n
+    alpha_words = n - len(_NO_LETTER_WORD.findall(text))
+    mean_len = sum(map(len, words)) / n
     if not cfg.min_mean_word_length <= mean_len <= cfg.max_mean_word_length:
         return f"gopher_quality: mean word length {mean_len:.1f} outside [{cfg.min_mean_word_length}, {cfg.max_mean_word_length}]"
     symbols = text.count("#") + text.count("...") + text.count("…")
@@ -109,11 +111,16 @@ def gopher_quality(text: str, words: list[str], language: str, cfg: GopherQualit
         ellipsis = sum(1 for l in lines if l.rstrip().endswith(("...", "…")))
         if ellipsis / len(lines) > cfg.max_ellipsis_lines_ratio:
             return f"gopher_quality: ellipsis lines {ellipsis / len(lines):.2f} > {cfg.max_ellipsis_lines_ratio}"
-    if len(alpha_words) / n < cfg.min_alpha_words_ratio:
-        return f"gopher_quality: words with a letter {len(alpha_words) / n:.2f} < {cfg.min_alpha_words_ratio}"
+    if alpha_words / n < cfg.min_alpha_words_ratio:
+        return f"gopher_quality: words with a letter {alpha_words / n:.2f} < {cfg.min_alpha_words_ratio}"
     if language in cfg.stop_word_languages:
         stops = set(cfg.stop_words)
-        found = sum(1 for w in words if w in stops)
+        found = 0
+        for w in words:  # stop early: the rule only needs min_stop_words of them
+            if w in stops:
+                found += 1
+                if found >= cfg.min_stop_words:
+                    break
         if found < cfg.min_stop_words:
             return f"gopher_quality: {found} stop words < {cfg.min_stop_words}"
     return None
@@ -167,7 +174,7 @@ def gopher_repetition(text: str, hashes: np.ndarray, lengths: np.ndarray, cfg: G
         _, inverse, counts = np.unique(grams, return_inverse=True, return_counts=True)
         starts = np.flatnonzero(counts[inverse] > 1)
         if len(starts) == 0:
-            continue
+            break  # no repeated n-gram means no repeated longer one either
         cover = np.zeros(len(hashes) + 1, dtype=np.int32)
         np.add.at(cover, starts, 1)
         np.add.at(cover, starts + n, -1)
@@ -187,12 +194,12 @@ def c4_rules(text: str, cfg: C4Rules) -> tuple[str | None, str]:
         return "c4: contains a curly bracket", text
     if cfg.filter_policy and any(p in lower for p in _POLICY) and len(lower) < 2000:
         return "c4: cookie or policy notice", text
-    if any(len(w) > cfg.max_word_length for w in text.split()):
+    if re.search(r"\S{%d}" % (cfg.max_word_length + 1), text):
         return f"c4: a word longer than {cfg.max_word_length} characters", text
     if cfg.line_filters:
         kept = []
         for line in text.split("\n"):
-            line = _CITATION.sub("", line).strip()
+            line = (_CITATION.sub("", line) if "[" in line else line).strip()
             if not line:
                 continue
             if "javascript" in line.lower():
@@ -218,8 +225,8 @@ def _identifier():
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
-def identify_language(text: str) -> tuple[str, float]:
-    lang, prob = _identifier().classify(text[:5000])
+def identify_language(text: str, max_chars: int = 1500) -> tuple[str, float]:
+    lang, prob = _identifier().classify(text[:max_chars])
     return str(lang), float(prob)
 
 

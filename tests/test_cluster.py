@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from cluster.errors import ConfigError
+from cluster.manifest import read_manifest
 from cluster.launcher import validate_cluster_file
 from tests.conftest import REPO, aero
 
@@ -62,8 +63,9 @@ def test_submitted_stage_runs_as_a_ray_job_and_logs_show_it(ray_cluster, tmp_pat
 
     logs = aero("jobs", "logs", job_id, dashboard)
     assert logs.returncode == 0, logs.stderr
-    assert "aero: data: 5 documents, 0 rejected" in logs.stdout
-    assert (tmp_path / "submitted/data/manifest.json").exists()
+    manifest = read_manifest(tmp_path / "submitted/data")
+    assert manifest.status == "finished"
+    assert f"aero: data: {manifest.metrics['documents_out']} documents kept of {manifest.metrics['documents_in']}" in logs.stdout
     listed = aero("jobs", "list", dashboard)
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
 

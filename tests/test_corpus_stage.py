@@ -15,24 +15,13 @@ from typer.testing import CliRunner
 from cluster.cli import app
 from cluster.manifest import read_manifest, write_manifest
 from data_jobs.documents import normalize_text
-from tests.conftest import REPO
+from tests.conftest import REPO, write_recipe
 
 VIETNAMESE = "Tiếng Việt: người, đường, nghiêng, Hà Nội."
-LENIENT = """
-  quality:
-    gopher_quality: {enabled: false}
-    gopher_repetition: {enabled: false}
-    c4: {enabled: false}
-    language: {enabled: false}
-"""
 
 
-def recipe(tmp_path: Path, run: str, sources: list[str], extra: str = LENIENT) -> Path:
-    lines = [f"run: {run}", f"runs_dir: {tmp_path / 'runs'}", "stages: [data]", "data:", "  sources:"]
-    lines += [f"    - '{s}'" for s in sources]
-    path = tmp_path / f"{run}.yaml"
-    path.write_text("\n".join(lines) + "\n" + extra)
-    return path
+def recipe(tmp_path: Path, run: str, sources: list[str], extra: str = "") -> Path:
+    return write_recipe(tmp_path / f"{run}.yaml", run=run, runs_dir=tmp_path / "runs", sources=sources, extra=extra)
 
 
 def run_data(path: Path, *overrides: str):
@@ -164,7 +153,7 @@ def test_killed_run_resumes_without_redoing_finished_parts(ray_cluster, tmp_path
     rng = random.Random(3)
     for i in range(6):
         (root / f"f{i}.txt").write_text(" ".join(_words(rng, 300)))
-    path = recipe(tmp_path, "resume", [str(root)], LENIENT + "  part_bytes: 2500\n")
+    path = recipe(tmp_path, "resume", [str(root)], "  part_bytes: 2500\n")
     run_data(path)
     stage = tmp_path / "runs/resume/data"
     parts = sorted((stage / "parts").iterdir())

@@ -8,7 +8,7 @@ from data_jobs.quality import (
     C4Rules, CodeQuality, GopherQuality, GopherRepetition, LanguageId, c4_rules, code_rules,
     gopher_quality, gopher_repetition, identify_language, language_rule,
 )
-from data_jobs.text_stats import word_hashes
+from data_jobs.text_stats import words_and_hashes
 
 GOOD = (
     "The standard library offers modules for files, networking and text processing. "
@@ -25,7 +25,8 @@ VIETNAMESE = (
 
 def _rep(text: str):
     words = text.lower().split()
-    return gopher_repetition(text, word_hashes(words), np.array([len(w) for w in words]), GopherRepetition())
+    hashes, lengths = words_and_hashes(text)
+    return gopher_repetition(text, hashes, lengths, GopherRepetition())
 
 
 def test_gopher_quality_keeps_good_prose_and_names_each_failure():
