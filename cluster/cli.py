@@ -6,7 +6,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Annotated, Callable, List, Optional
 
 import typer
 
@@ -23,9 +23,12 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(runs_app, name="runs")
 
-ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)."
 JOBS_ADDRESS_HELP = "Ray dashboard URL (default: RAY_ADDRESS if http, else http://127.0.0.1:8265)."
-OVERRIDES_HELP = "Config overrides, key.sub=value (value read as YAML)."
+# Arguments shared by the commands that run recipes.
+Recipe = Annotated[Path, typer.Argument(help="Recipe YAML.")]
+Overrides = Annotated[Optional[List[str]], typer.Argument(help="Config overrides, key.sub=value (value read as YAML).")]
+RayAddress = Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray).")]
+Overlays = Annotated[Optional[List[Path]], typer.Option(help="YAML files merged over the recipe, in order.")]
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -54,11 +57,11 @@ def _recipe(config: Path, overrides: list[str], overlays: list[Path], address: s
 @app.command()
 @user_errors
 def run(
-    stage: str = typer.Argument(..., help="Stage name, e.g. data."),
-    config: Path = typer.Argument(..., help="Recipe YAML."),
-    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
-    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
-    overlay: Optional[List[Path]] = typer.Option(None, help="YAML files merged over the recipe, in order."),
+    stage: Annotated[str, typer.Argument(help="Stage name, e.g. data.")],
+    config: Recipe,
+    overrides: Overrides = None,
+    address: RayAddress = None,
+    overlay: Overlays = None,
 ) -> None:
     """Run one stage of a recipe (skipped if it finished with the same config and inputs)."""
     from cluster.runner import run_stage
@@ -70,12 +73,7 @@ def run(
 
 @app.command()
 @user_errors
-def pipeline(
-    config: Path = typer.Argument(..., help="Recipe YAML."),
-    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
-    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
-    overlay: Optional[List[Path]] = typer.Option(None, help="YAML files merged over the recipe, in order."),
-) -> None:
+def pipeline(config: Recipe, overrides: Overrides = None, address: RayAddress = None, overlay: Overlays = None) -> None:
     """Run the stages the recipe lists, in order, skipping those already finished."""
     from cluster.runner import run_pipeline
 
@@ -89,9 +87,9 @@ def pipeline(
 @app.command()
 @user_errors
 def submit(
-    target: str = typer.Argument(..., help="A stage name, or 'pipeline'."),
-    config: Path = typer.Argument(..., help="Recipe YAML inside the project folder."),
-    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    target: Annotated[str, typer.Argument(help="A stage name, or 'pipeline'.")],
+    config: Annotated[Path, typer.Argument(help="Recipe YAML inside the project folder.")],
+    overrides: Overrides = None,
     address: Optional[str] = typer.Option(None, help=JOBS_ADDRESS_HELP),
     install: bool = typer.Option(True, help="pip-install the shipped project in the job's environment."),
     follow: bool = typer.Option(False, help="Stream the job's logs until it ends."),

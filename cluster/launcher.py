@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from cluster.config import read_yaml
 from cluster.errors import ConfigError, UserError
 
 
@@ -25,15 +24,7 @@ def validate_cluster_file(path: Path) -> dict[str, Any]:
     """Load and validate a cluster-launcher file as `ray up` would; return the prepared config."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: cluster file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml(Path(path))
     try:
         prepared = prepare_config(raw)
         validate_config(prepared)

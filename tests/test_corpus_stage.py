@@ -177,3 +177,18 @@ def test_missing_source_is_a_clear_error(ray_cluster, tmp_path):
     result = CliRunner().invoke(app, ["run", "data", str(recipe(tmp_path, "missing", [str(tmp_path / "nope")]))])
     assert result.exit_code == 2
     assert f"source '{tmp_path / 'nope'}': no such file" in result.output
+
+
+def test_sources_can_be_storage_uris(ray_cluster, tmp_path):
+    """A `file://` URI goes through pyarrow's filesystem layer, as s3:// or gs:// would."""
+    root = tmp_path / "bucket" / "prefix"
+    root.mkdir(parents=True)
+    (root / "a.txt").write_text("Read through pyarrow's filesystem.")
+    (root / "nested").mkdir()
+    (root / "nested" / "b.jsonl").write_text('{"text": "A record under a nested prefix."}\n')
+    run_data(recipe(tmp_path, "uri", [f"file://{tmp_path / 'bucket'}"]))
+    docs = pd.read_parquet(tmp_path / "runs/uri/data/documents")
+    assert sorted(docs["text"]) == ["A record under a nested prefix.", "Read through pyarrow's filesystem."]
+    assert all(s.startswith("file://") for s in docs["source"])
+    sources = json.loads((tmp_path / "runs/uri/data/sources.json").read_text())
+    assert len(sources[0]["files"]) == 2
