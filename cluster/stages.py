@@ -15,6 +15,7 @@ from cluster.stage import Stage
 STAGE_TABLE: dict[str, str] = {
     "data": "data_jobs.corpus_stage:STAGE",
     "tokenizer": "data_jobs.tokenizer_stage:STAGE",
+    "pretrain": "jobs.pretrain:STAGE",
 }
 
 
