@@ -74,6 +74,17 @@ def export_model(cfg: PretrainConfig, plan: dict, checkpoint_dir: Path, tokenize
     return out
 
 
+def read_history(path: Path) -> list[dict]:
+    """Per-step metrics in step order; a step logged again after a restart keeps its last entry."""
+    by_step: dict[int, dict] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                by_step[entry["step"]] = entry
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def _plot_losses(history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -102,6 +113,7 @@ def run(ctx: StageContext, cfg: PretrainConfig) -> StageResult:
 
     index = json.loads(ctx.upstream_output("tokenizer", "index").read_text())
     plan = plan_run(cfg, index)
+    plan["log_dir"] = str(ctx.stage_dir.resolve())
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     workers = cfg.scaling.num_workers
     datasets = {}
@@ -126,9 +138,7 @@ def run(ctx: StageContext, cfg: PretrainConfig) -> StageResult:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("pretrain finished without a checkpoint")
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    atomic_write_text(ctx.stage_dir / "metrics.jsonl", "".join(json.dumps(h, default=str) + "\n" for h in history))
-    _plot_losses(history, ctx.stage_dir / "loss.png")
+    _plot_losses(read_history(ctx.stage_dir / "metrics.jsonl"), ctx.stage_dir / "loss.png")
     with result.checkpoint.as_directory() as d:
         model_dir = export_model(cfg, plan, Path(d), Path(index["tokenizer"]), ctx.stage_dir / "model")
     final = result.metrics

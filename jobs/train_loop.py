@@ -102,21 +102,25 @@ def run_training(cfg: PretrainConfig, plan: dict[str, Any], env) -> dict[str, An
             dist.all_reduce(loss_value)
             loss_value /= dist.get_world_size()
         loss_value = float(loss_value)
-        if not math.isfinite(loss_value):
+        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            # In fp32/bf16 nothing skips a bad step: inf gradients have already corrupted the weights.
             raise FloatingPointError(
-                f"loss is {loss_value} at step {step}: stopping; the last good checkpoint is kept"
+                f"loss {loss_value} / gradient norm {grad_norm} is not finite at step {step}: stopping; "
+                "the last good checkpoint is kept (lower pretrain.lr or raise warmup_steps)"
             )
         elapsed = time.perf_counter() - start
         tokens_per_s = tokens_per_step / elapsed
         metrics = {
             "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": tokens_per_s,
+            "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
             "step_time_s": elapsed, "consumed_micro_batches": consumed, "batch_checksum": checksum,
             "mfu": flops * tokens_per_s / (peak * plan["world_size"]) if peak else None,
         }
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics["val_loss"] = _validate(engine, env, cfg, device)
             metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50))
+        env.log(metrics)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             tmp = tempfile.mkdtemp(prefix="aero-ckpt-")
             engine.save_checkpoint(tmp, tag="ckpt", client_state={"step": step, "consumed": consumed})
@@ -148,10 +152,35 @@ def _validate(engine, env, cfg: PretrainConfig, device) -> float:
     return float(total / count.clamp(min=1))
 
 
-class RayTrainEnv:
+class StepLog:
+    """Rank 0's per-step metrics: JSON lines (read by the stage for the loss curve) and TensorBoard."""
+
+    def __init__(self, log_dir: str | None, rank: int) -> None:
+        self.path = Path(log_dir) / "metrics.jsonl" if log_dir and rank == 0 else None
+        self.writer = None
+        if self.path is not None:
+            from tensorboardX import SummaryWriter
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(self.path.parent / "tensorboard"))
+
+    def log(self, metrics: dict) -> None:
+        if self.path is None:
+            return
+        import json
+
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.writer.add_scalar(f"pretrain/{key}", value, metrics["step"])
+        self.writer.flush()
+
+
+class RayTrainEnv(StepLog):
     """Data shards, reporting and checkpoints through Ray Train (inside a TorchTrainer worker)."""
 
-    def __init__(self, micro_batch: int) -> None:
+    def __init__(self, micro_batch: int, log_dir: str | None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -159,6 +188,7 @@ class RayTrainEnv:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.micro_batch = micro_batch
+        super().__init__(log_dir, self.rank)
 
     def _iter(self, name: str):
         import ray.train
@@ -198,16 +228,17 @@ class RayTrainEnv:
 def ray_train_loop(loop_config: dict) -> None:
     """The function Ray Train's TorchTrainer runs on every worker."""
     cfg = PretrainConfig.model_validate(loop_config["config"])
-    run_training(cfg, loop_config["plan"], RayTrainEnv(cfg.micro_batch))
+    run_training(cfg, loop_config["plan"], RayTrainEnv(cfg.micro_batch, loop_config["plan"].get("log_dir")))
 
 
-class LocalEnv:
+class LocalEnv(StepLog):
     """One process, no Ray: shards read with pyarrow, checkpoints and metrics in `out_dir`."""
 
     def __init__(self, index: dict, micro_batch: int, out_dir: Path, device: str = "cpu") -> None:
         self.index, self.micro_batch, self.out_dir = index, micro_batch, Path(out_dir)
         self.device = device
         self.history: list[dict] = []
+        super().__init__(str(out_dir), 0)
         (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         _init_single_process_group("nccl" if device.startswith("cuda") else "gloo")
 

@@ -1,0 +1,128 @@
+"""Stage `pretrain` on a real local Ray: Ray Train TorchTrainer, 2 CPU workers, real DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cluster.config import build_recipe, load_recipe
+from cluster.errors import ConfigError, UserError
+from cluster.manifest import read_manifest
+from cluster.runner import run_stage
+from jobs.pretrain import read_history
+
+PRETRAIN = {
+    "steps": 16, "global_batch": 8, "micro_batch": 2, "warmup_steps": 2, "lr": 3e-3,
+    "checkpoint_every": 4, "eval_every": 8, "scaling": {"num_workers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def corpus_run(ray_cluster, tmp_path_factory):
+    """data + tokenizer once; each test copies them into its own run."""
+    runs = tmp_path_factory.mktemp("pretrain_runs")
+    recipe = build_recipe({
+        "run": "base", "runs_dir": str(runs), "stages": ["data", "tokenizer"],
+        "data": {"sources": ["stdlib:docs"], "val_fraction": 0.1},
+        "tokenizer": {"vocab_size": 512, "seq_len": 64},
+    })
+    for stage in recipe.stages:
+        run_stage(recipe, stage)
+    return runs
+
+
+def _recipe(runs: Path, run: str, **pretrain):
+    target = runs / run
+    if not target.exists():
+        for stage in ("data", "tokenizer"):
+            shutil.copytree(runs / "base" / stage, target / stage)
+    return build_recipe({"run": run, "runs_dir": str(runs), "stages": ["pretrain"], "pretrain": {**PRETRAIN, **pretrain}})
+
+
+@pytest.mark.slow
+def test_zero2_loss_goes_down_and_the_export_loads_and_generates(corpus_run):
+    manifest = run_stage(_recipe(corpus_run, "zero2"), "pretrain")
+    assert manifest.status == "finished" and manifest.metrics["step"] == 16
+    history = read_history(corpus_run / "zero2/pretrain/metrics.jsonl")
+    assert [h["step"] for h in history] == list(range(1, 17))
+    assert history[-1]["loss"] < history[0]["loss"] - 0.5
+    assert history[-1]["val_loss"] is not None and all(h["tokens_per_s"] > 0 for h in history)
+    assert (corpus_run / "zero2/pretrain/loss.png").stat().st_size > 1000
+    assert any((corpus_run / "zero2/pretrain/tensorboard").iterdir())
+
+    model_dir = Path(manifest.outputs["model"].path)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok("The for statement", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 8
+    with torch.no_grad():
+        loss = model(input_ids=out, labels=out).loss
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.slow
+def test_zero3_trains(corpus_run):
+    manifest = run_stage(_recipe(corpus_run, "zero3", zero_stage=3, steps=8, eval_every=8), "pretrain")
+    history = read_history(corpus_run / "zero3/pretrain/metrics.jsonl")
+    assert manifest.metrics["step"] == 8 and history[-1]["loss"] < history[0]["loss"]
+    assert AutoModelForCausalLM.from_pretrained(manifest.outputs["model"].path).config.num_hidden_layers == 2
+
+
+def _train_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_at_same_step_with_the_data_order_continuing(corpus_run):
+    reference = corpus_run / "zero2/pretrain/metrics.jsonl"
+    if not reference.exists():
+        run_stage(_recipe(corpus_run, "zero2"), "pretrain")
+    recipe = _recipe(corpus_run, "killed")
+    results: dict = {}
+    thread = threading.Thread(target=lambda: results.setdefault("manifest", run_stage(recipe, "pretrain")))
+    thread.start()
+    storage = corpus_run / "killed/pretrain/ray_results/pretrain"
+    deadline = time.monotonic() + 300
+    while not list(storage.glob("checkpoint_*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    victims = _train_workers()
+    assert victims, "no Ray Train worker process found to kill"
+    victims[0].kill()
+    thread.join(timeout=600)
+    manifest = results["manifest"]
+    assert manifest.status == "finished" and manifest.metrics["step"] == 16
+    history = read_history(corpus_run / "killed/pretrain/metrics.jsonl")
+    expected = read_history(reference)
+    assert [h["step"] for h in history] == list(range(1, 17))
+    assert [h["batch_checksum"] for h in history] == [h["batch_checksum"] for h in expected]
+    assert [h["consumed_micro_batches"] for h in history] == [h["consumed_micro_batches"] for h in expected]
+    log = (corpus_run / "killed/pretrain/metrics.jsonl").read_text().splitlines()
+    assert len(log) > 16, "the restarted workers relogged the steps after the last checkpoint"
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_run_with_a_clear_error(corpus_run):
+    recipe = _recipe(corpus_run, "nan", lr=1e30, max_failures=0, steps=8)
+    with pytest.raises(Exception, match="is not finite at step"):
+        run_stage(recipe, "pretrain")
+    assert read_manifest(corpus_run / "nan/pretrain").status == "failed"
+
+
+def test_configs_that_cannot_fit_fail_before_workers_start(corpus_run, tmp_path):
+    with pytest.raises(ConfigError, match="global_batch 10 is not divisible by micro_batch x num_workers = 4"):
+        build_recipe({"run": "x", "pretrain": {"global_batch": 10, "micro_batch": 2, "scaling": {"num_workers": 2}}})
+    with pytest.raises(ConfigError, match="pretrain.zero_stage"):
+        build_recipe({"run": "x", "pretrain": {"zero_stage": 4}})
+    with pytest.raises(UserError, match="max_position_embeddings 32 is shorter than the shards' seq_len 64"):
+        run_stage(_recipe(corpus_run, "shortpos", model={"max_position_embeddings": 32}), "pretrain")
+    with pytest.raises(UserError, match="needs stage 'tokenizer'"):
+        run_stage(build_recipe({"run": "nothing", "runs_dir": str(tmp_path), "pretrain": PRETRAIN}), "pretrain")
