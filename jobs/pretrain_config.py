@@ -37,6 +37,7 @@ class PretrainConfig(StrictModel):
     checkpoint_every: int = Field(default=20, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     eval_every: int = Field(default=20, ge=1)
+    report_every: int = Field(default=10, ge=1, description="steps between metric reports to Ray (each is a barrier)")
     eval_batches: int = Field(default=4, ge=1)
     max_failures: int = Field(default=2, ge=0)
     peak_tflops: float | None = Field(default=None, gt=0, description="per device; default from the GPU table")

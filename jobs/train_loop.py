@@ -114,7 +114,8 @@ def run_training(cfg: PretrainConfig, plan: dict[str, Any], env) -> dict[str, An
         metrics = {
             "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
             "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-            "step_time_s": elapsed, "consumed_micro_batches": consumed, "batch_checksum": checksum,
+            "step_time_s": elapsed, "wall_time": time.time(), "consumed_micro_batches": consumed,
+            "batch_checksum": checksum,
             "mfu": flops * tokens_per_s / (peak * plan["world_size"]) if peak else None,
         }
         if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -126,9 +127,11 @@ def run_training(cfg: PretrainConfig, plan: dict[str, Any], env) -> dict[str, An
             engine.save_checkpoint(tmp, tag="ckpt", client_state={"step": step, "consumed": consumed})
             env.report(metrics, checkpoint_dir=tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            env.report(metrics)
+        elif step % cfg.report_every == 0:
+            env.report(metrics)  # a report is a barrier across workers: not every step
     env.finish(engine)
+    if getattr(env, "writer", None) is not None:
+        env.writer.flush()
     return metrics
 
 
@@ -172,9 +175,8 @@ class StepLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "step":
+            if isinstance(value, (int, float)) and key not in ("step", "wall_time"):
                 self.writer.add_scalar(f"pretrain/{key}", value, metrics["step"])
-        self.writer.flush()
 
 
 class RayTrainEnv(StepLog):
