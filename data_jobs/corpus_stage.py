@@ -40,7 +40,7 @@ class CorpusConfig(StrictModel):
     part_bytes: int = Field(default=32 << 20, ge=1, description="input bytes per resumable part")
     blocks_per_part: int = Field(default=8, ge=1)
     shuffle_partitions: int = Field(default=4, ge=1, description="hash partitions of the dedup groupbys")
-    val_fraction: float = Field(default=0.05, ge=0, lt=0.5, description="share of documents held out, by doc_id")
+    val_fraction: float = Field(default=0.05, ge=0, lt=0.5, description="share of documents held out, by content hash")
     quality: QualityConfig = QualityConfig()
     dedup: DedupConfig = DedupConfig()
     pii: PiiConfig = PiiConfig()
@@ -68,7 +68,7 @@ def partition(files: list[SourceFile], part_bytes: int) -> list[list[SourceFile]
     return [p for p in parts if p]
 
 
-def _write_fresh(target: Path, write) -> Path:
+def write_fresh(target: Path, write) -> Path:
     """Write a Ray Data output folder through a temp folder, so a rerun never mixes old and new files."""
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -79,13 +79,15 @@ def _write_fresh(target: Path, write) -> Path:
     return target
 
 
-def split_of(doc_id: str, val_fraction: float) -> str:
-    return "val" if xxhash.xxh64_intdigest(doc_id.encode()) % 10_000 < val_fraction * 10_000 else "train"
+def split_of(text_hash: str, val_fraction: float) -> str:
+    """train/val by the document's content hash: stable wherever the run folder lives (doc_ids
+    of staged sources contain its path), and exact copies can never straddle the split."""
+    return "val" if xxhash.xxh64_intdigest(text_hash.encode()) % 10_000 < val_fraction * 10_000 else "train"
 
 
 def _finalize(batch, drop: set, val_fraction: float):
     batch = batch[~batch["doc_id"].isin(drop)]
-    batch = batch.assign(split=[split_of(d, val_fraction) for d in batch["doc_id"]])
+    batch = batch.assign(split=[split_of(h, val_fraction) for h in batch["text_hash"]])
     return batch[DOC_COLUMNS]
 
 
@@ -96,8 +98,9 @@ def _accounting(batch, dedup_kind: dict, val_fraction: float):
 
     c: Counter = Counter()
     c["docs:all"] += len(batch)
-    for doc_id, step, n_in, n_out, pii, kind, language in zip(
-        batch["doc_id"], batch["step"], batch["n_bytes_in"], batch["n_bytes"], batch["pii"], batch["kind"], batch["language"]
+    for doc_id, step, n_in, n_out, pii, kind, language, text_hash in zip(
+        batch["doc_id"], batch["step"], batch["n_bytes_in"], batch["n_bytes"], batch["pii"], batch["kind"],
+        batch["language"], batch["text_hash"],
     ):
         if step == "" and doc_id in dedup_kind:
             step = f"dedup_{dedup_kind[doc_id]}"
@@ -107,7 +110,7 @@ def _accounting(batch, dedup_kind: dict, val_fraction: float):
             continue
         c["docs:out"] += 1
         c["bytes:out"] += int(n_out)
-        c[f"split:{split_of(doc_id, val_fraction)}"] += 1
+        c[f"split:{split_of(text_hash, val_fraction)}"] += 1
         c[f"kind:{kind}"] += 1
         c[f"language:{language or kind}"] += 1
         if pii:
@@ -141,7 +144,7 @@ def _clean_parts(ctx: StageContext, config: CorpusConfig, files: list[SourceFile
                 "dedup": config.dedup.model_dump(),
             },
         )
-        _write_fresh(out, cleaned.write_parquet)
+        write_fresh(out, cleaned.write_parquet)
         marker.write_text(json.dumps([f.path for f in part]))
     return parts_dir
 
@@ -155,7 +158,7 @@ def run(ctx: StageContext, config: CorpusConfig) -> StageResult:
 
     sources = _source_files(ctx, config)
     files = [f for s in sources for f in s.files]
-    listing = [{"spec": s.spec, "sha256": s.digest(), "files": [f.path for f in s.files]} for s in sources]
+    listing = [{"spec": s.spec, "files": [f.path for f in s.files]} for s in sources]  # hashes: manifest inputs
     atomic_write_text(ctx.stage_dir / "sources.json", json.dumps(listing, indent=2) + "\n")
 
     parts_dir = _clean_parts(ctx, config, files)
@@ -170,7 +173,7 @@ def run(ctx: StageContext, config: CorpusConfig) -> StageResult:
     documents = kept.map_batches(
         _finalize, batch_format="pandas", fn_kwargs={"drop": drop, "val_fraction": config.val_fraction}
     )
-    documents_dir = _write_fresh(ctx.stage_dir / "documents", documents.write_parquet)
+    documents_dir = write_fresh(ctx.stage_dir / "documents", documents.write_parquet)
 
     dedup_rejects = ray.data.from_pandas(
         duplicates.assign(
@@ -179,7 +182,7 @@ def run(ctx: StageContext, config: CorpusConfig) -> StageResult:
         )[["doc_id", "source", "step", "reason"]]
     )
     rejects = rows.filter(expr=col("reason") != "").select_columns(["doc_id", "source", "step", "reason"])
-    rejects_dir = _write_fresh(ctx.stage_dir / "rejects", rejects.union(dedup_rejects).write_json)
+    rejects_dir = write_fresh(ctx.stage_dir / "rejects", rejects.union(dedup_rejects).write_json)
 
     totals = rows.map_batches(
         _accounting, batch_format="pandas",

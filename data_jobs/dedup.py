@@ -45,7 +45,7 @@ def _partition_pairs(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 def find_duplicates(kept, cfg: DedupConfig, partitions: int) -> pd.DataFrame:
-    """`kept`: a Ray Dataset of (doc_id, text_hash, signature) rows. Returns the documents to
+    """`kept`: a Ray Dataset of kept rows (doc_id, text_hash, signature among their columns). Returns the documents to
     drop: doc_id, kept (the survivor of its cluster), dedup ('exact' or 'near')."""
     columns = ["doc_id", "kept", "dedup"]
     if not (cfg.exact or cfg.near):

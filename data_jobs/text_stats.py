@@ -59,11 +59,6 @@ def words_and_hashes(text: str) -> tuple[np.ndarray, np.ndarray]:
     return hashes, (ends - starts).astype(np.int64)
 
 
-def word_hashes(words: list[str]) -> np.ndarray:
-    """Hashes of already split words (same values as `words_and_hashes` on their join)."""
-    return words_and_hashes(" ".join(words))[0]
-
-
 def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
     """One uint64 per n-gram (positions 0..len-n), combining word hashes in order."""
     if len(hashes) < n:

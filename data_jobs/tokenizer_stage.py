@@ -74,7 +74,7 @@ def run(ctx: StageContext, config: TokenizerConfig) -> StageResult:
     import ray.data
     from ray.data.expressions import col
 
-    from data_jobs.corpus_stage import _write_fresh
+    from data_jobs.corpus_stage import write_fresh
     from data_jobs.packing import tokenize_and_pack
 
     documents_dir = ctx.upstream_output("data", "documents")
@@ -99,7 +99,7 @@ def run(ctx: StageContext, config: TokenizerConfig) -> StageResult:
         ).materialize()
         totals = packed.sum(["batch_tokens", "batch_dropped", "batch_docs"]) if packed.count() else {}
         shards = packed.filter(expr=col("is_totals") == 0).select_columns(["input_ids"])
-        _write_fresh(out, shards.write_parquet)
+        write_fresh(out, shards.write_parquet)
         sequences = shards.count()
         if sequences == 0:
             raise RuntimeError(

@@ -105,7 +105,6 @@ def _plot_losses(history: list[dict], path: Path) -> None:
 
 def run(ctx: StageContext, cfg: PretrainConfig) -> StageResult:
     import ray.data
-    import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

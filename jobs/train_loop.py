@@ -129,9 +129,7 @@ def run_training(cfg: PretrainConfig, plan: dict[str, Any], env) -> dict[str, An
             shutil.rmtree(tmp, ignore_errors=True)
         elif step % cfg.report_every == 0:
             env.report(metrics)  # a report is a barrier across workers: not every step
-    env.finish(engine)
-    if getattr(env, "writer", None) is not None:
-        env.writer.flush()
+    env.close()
     return metrics
 
 
@@ -155,8 +153,9 @@ def _validate(engine, env, cfg: PretrainConfig, device) -> float:
     return float(total / count.clamp(min=1))
 
 
-class StepLog:
-    """Rank 0's per-step metrics: JSON lines (read by the stage for the loss curve) and TensorBoard."""
+class TrainEnv:
+    """What both environments share: rank 0's per-step metrics as JSON lines (the stage's loss
+    curve reads them) and TensorBoard, and train/val micro-batches from a subclass's `_iter`."""
 
     def __init__(self, log_dir: str | None, rank: int) -> None:
         self.path = Path(log_dir) / "metrics.jsonl" if log_dir and rank == 0 else None
@@ -178,8 +177,18 @@ class StepLog:
             if isinstance(value, (int, float)) and key not in ("step", "wall_time"):
                 self.writer.add_scalar(f"pretrain/{key}", value, metrics["step"])
 
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
 
-class RayTrainEnv(StepLog):
+    def train_batches(self, epoch: int):
+        return self._iter("train")
+
+    def val_batches(self):
+        return self._iter("val")
+
+
+class RayTrainEnv(TrainEnv):
     """Data shards, reporting and checkpoints through Ray Train (inside a TorchTrainer worker)."""
 
     def __init__(self, micro_batch: int, log_dir: str | None) -> None:
@@ -200,12 +209,6 @@ class RayTrainEnv(StepLog):
         for batch in shard.iter_torch_batches(batch_size=self.micro_batch, drop_last=True, dtypes=torch.long):
             yield batch["input_ids"]
 
-    def train_batches(self, epoch: int):
-        return self._iter("train")
-
-    def val_batches(self):
-        return self._iter("val")
-
     @contextlib.contextmanager
     def latest_checkpoint(self):
         import ray.train
@@ -223,9 +226,6 @@ class RayTrainEnv(StepLog):
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    def finish(self, engine) -> None:
-        pass
-
 
 def ray_train_loop(loop_config: dict) -> None:
     """The function Ray Train's TorchTrainer runs on every worker."""
@@ -233,7 +233,7 @@ def ray_train_loop(loop_config: dict) -> None:
     run_training(cfg, loop_config["plan"], RayTrainEnv(cfg.micro_batch, loop_config["plan"].get("log_dir")))
 
 
-class LocalEnv(StepLog):
+class LocalEnv(TrainEnv):
     """One process, no Ray: shards read with pyarrow, checkpoints and metrics in `out_dir`."""
 
     def __init__(self, index: dict, micro_batch: int, out_dir: Path, device: str = "cpu") -> None:
@@ -258,12 +258,6 @@ class LocalEnv(StepLog):
                     yield torch.from_numpy(np.stack(pending).astype("int64"))
                     pending = []
 
-    def train_batches(self, epoch: int):
-        return self._iter("train")
-
-    def val_batches(self):
-        return self._iter("val")
-
     @contextlib.contextmanager
     def latest_checkpoint(self):
         found = sorted((self.out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -274,9 +268,6 @@ class LocalEnv(StepLog):
         if checkpoint_dir:
             target = self.out_dir / "checkpoints" / f"step-{metrics['step']}"
             shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
-
-    def finish(self, engine) -> None:
-        pass
 
 
 def _init_single_process_group(backend: str) -> None:

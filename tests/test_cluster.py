@@ -3,7 +3,6 @@ cluster-launcher file passes Ray's own validation."""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import yaml

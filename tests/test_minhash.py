@@ -9,7 +9,11 @@ import pytest
 from pydantic import ValidationError
 
 from data_jobs.minhash import DedupConfig, UnionFind, band_keys, estimated_jaccard, permutations, signature
-from data_jobs.text_stats import ngram_hashes, word_hashes
+from data_jobs.text_stats import ngram_hashes, words_and_hashes
+
+
+def word_hashes(words: list[str]):
+    return words_and_hashes(" ".join(words))[0]
 
 
 def _shingles(words, n=5):

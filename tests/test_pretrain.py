@@ -9,15 +9,17 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cluster.config import build_recipe, load_recipe
+from cluster.config import build_recipe
 from cluster.errors import ConfigError, UserError
 from cluster.manifest import read_manifest
 from cluster.runner import run_stage
 from jobs.pretrain import read_history
+from tests.conftest import LENIENT_QUALITY
 
 PRETRAIN = {
     "steps": 16, "global_batch": 8, "micro_batch": 2, "warmup_steps": 2, "lr": 3e-3,
@@ -31,7 +33,7 @@ def corpus_run(ray_cluster, tmp_path_factory):
     runs = tmp_path_factory.mktemp("pretrain_runs")
     recipe = build_recipe({
         "run": "base", "runs_dir": str(runs), "stages": ["data", "tokenizer"],
-        "data": {"sources": ["stdlib:docs"], "val_fraction": 0.1},
+        "data": {"sources": ["stdlib:docs"], "val_fraction": 0.2, **yaml.safe_load("data:\n" + LENIENT_QUALITY)["data"]},
         "tokenizer": {"vocab_size": 512, "seq_len": 64},
     })
     for stage in recipe.stages:
@@ -126,3 +128,27 @@ def test_configs_that_cannot_fit_fail_before_workers_start(corpus_run, tmp_path)
         run_stage(_recipe(corpus_run, "shortpos", model={"max_position_embeddings": 32}), "pretrain")
     with pytest.raises(UserError, match="needs stage 'tokenizer'"):
         run_stage(build_recipe({"run": "nothing", "runs_dir": str(tmp_path), "pretrain": PRETRAIN}), "pretrain")
+
+
+def test_training_loop_runs_without_ray_and_resumes_from_its_checkpoint(corpus_run, tmp_path):
+    """The same per-worker loop in one process (LocalEnv: no Ray), as on a GPU box without Ray."""
+    from jobs.pretrain import plan_run
+    from jobs.pretrain_config import PretrainConfig
+    from jobs.train_loop import LocalEnv, run_training
+
+    index = json.loads((corpus_run / "base/tokenizer/index.json").read_text())
+    cfg = PretrainConfig.model_validate({**PRETRAIN, "steps": 6, "checkpoint_every": 3, "eval_every": 3,
+                                         "scaling": {"num_workers": 1}})
+    plan = plan_run(cfg, index)
+    run_training(cfg, plan, LocalEnv(index, cfg.micro_batch, tmp_path))
+    first = read_history(tmp_path / "metrics.jsonl")
+    assert [h["step"] for h in first] == list(range(1, 7))
+    assert first[-1]["loss"] < first[0]["loss"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3", "step-6"]
+
+    longer = cfg.model_copy(update={"steps": 8})
+    run_training(longer, plan, LocalEnv(index, cfg.micro_batch, tmp_path))
+    log = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4, 5, 6, 7, 8]  # resumed at step 7
+    resumed = read_history(tmp_path / "metrics.jsonl")
+    assert resumed[6]["consumed_micro_batches"] == first[-1]["consumed_micro_batches"] + cfg.grad_accum

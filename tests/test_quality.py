@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from data_jobs.quality import (
     C4Rules, CodeQuality, GopherQuality, GopherRepetition, LanguageId, c4_rules, code_rules,
@@ -24,7 +23,6 @@ VIETNAMESE = (
 
 
 def _rep(text: str):
-    words = text.lower().split()
     hashes, lengths = words_and_hashes(text)
     return gopher_repetition(text, hashes, lengths, GopherRepetition())
 

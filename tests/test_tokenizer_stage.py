@@ -13,7 +13,6 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from data_jobs.corpus_stage import split_of
 from data_jobs.packing import pack_ids
 from data_jobs.tokenizer_stage import TokenizerConfig, train_tokenizer
 
@@ -79,7 +78,8 @@ def test_stage_writes_shards_without_cross_split_leakage(ray_cluster, tmp_path):
     stage = tmp_path / "runs/tok/tokenizer"
     index = json.loads((stage / "index.json").read_text())
     tok = AutoTokenizer.from_pretrained(index["tokenizer"])
-    val_markers = {f"marker{i:02d}x" for i in range(16) if split_of(str(root / f"d{i:02d}.txt"), 0.3) == "val"}
+    docs = pd.read_parquet(tmp_path / "runs/tok/data/documents")
+    val_markers = {text.split()[0] for text, split in zip(docs["text"], docs["split"]) if split == "val"}
     assert 0 < len(val_markers) < 16
     decoded = {}
     for split in ("train", "val"):
