@@ -16,6 +16,11 @@ STAGE_TABLE: dict[str, str] = {
     "data": "data_jobs.corpus_stage:STAGE",
     "tokenizer": "data_jobs.tokenizer_stage:STAGE",
     "pretrain": "jobs.pretrain:STAGE",
+    "chat_data": "data_jobs.chat_data:STAGE",
+    "sft": "jobs.posttrain:SFT",
+    "reward": "jobs.posttrain:REWARD",
+    "dpo": "jobs.posttrain:DPO",
+    "grpo": "jobs.posttrain:GRPO",
 }
 
 

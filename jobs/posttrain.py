@@ -1,0 +1,163 @@
+"""Stages `sft`, `reward`, `dpo` and `grpo`: TRL trainers under Ray Train's TorchTrainer.
+
+The driver checks the data and the base model, starts N workers (`jobs.trl_worker`), and
+exports the final checkpoint that the workers reported to Ray (so it works when the workers
+are on other nodes) as a Hugging Face model with the tokenizer. Each stage starts from the
+model of the stage named in its `base` (or a model folder), SFT/reward from `pretrain` and
+DPO/GRPO from `sft` by default; GRPO's reward is the `reward` stage's model plus rule rewards.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+from cluster.errors import UserError
+from cluster.manifest import atomic_write_text, hash_path
+from cluster.stage import Stage, StageContext, StageResult
+from jobs.posttrain_config import DPOConfig, GRPOConfig, PostTrainConfig, RewardConfig, SFTConfig
+
+DATASETS = {"sft": ("sft_train", "sft_val"), "reward": ("prefs_train", "prefs_val"),
+            "dpo": ("prefs_train", "prefs_val"), "grpo": ("sft_train", "sft_val")}
+
+
+def _model_sources(cfg: PostTrainConfig) -> dict[str, str]:
+    sources = {"base": cfg.base}
+    if isinstance(cfg, GRPOConfig):
+        sources["reward_model"] = cfg.reward_stage
+    return sources
+
+
+def _is_folder(ref: str) -> bool:
+    return "/" in ref or Path(ref).is_dir()
+
+
+def model_dir(ctx: StageContext, ref: str) -> Path:
+    """A stage name -> that stage's exported model; a path -> that folder (must hold a config.json)."""
+    path = Path(ref) if _is_folder(ref) else ctx.upstream_output(ref, "model")
+    if not (path / "config.json").is_file():
+        raise UserError(f"stage {ctx.name!r}: {path} is not a Hugging Face model folder (no config.json)")
+    return path
+
+
+def upstream_inputs(ctx: StageContext, cfg: PostTrainConfig) -> dict[str, str]:
+    """Fingerprints of the configurable upstream models, so a changed base reruns the stage."""
+    return {
+        (f"model:{ref}" if _is_folder(ref) else f"stage:{ref}"): (
+            hash_path(Path(ref)) if _is_folder(ref) else ctx.upstream(ref).fingerprint
+        )
+        for ref in _model_sources(cfg).values()
+    }
+
+
+def _grpo_prompts(records: list[dict], tokenizer, room: int) -> list[dict]:
+    """GRPO prompts whose templated length leaves room for the completion."""
+    keep = []
+    for r in records:
+        text = tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= room:
+            keep.append({"prompt": r["prompt"]})
+    return keep
+
+
+def prepare_paths(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> dict[str, str]:
+    """Everything the workers read, checked before any worker starts."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    base = model_dir(ctx, cfg.base)
+    context = AutoConfig.from_pretrained(str(base)).max_position_embeddings
+    max_length = cfg.max_length or context
+    if max_length > context:
+        raise UserError(f"{kind}.max_length {max_length} is longer than the base model's context of {context} tokens")
+    train_name, eval_name = DATASETS[kind]
+    train, evaluation = ctx.upstream_output("chat_data", train_name), ctx.upstream_output("chat_data", eval_name)
+    paths = {"base": str(base.resolve()), "max_length": str(max_length), "train": str(train.resolve()),
+             "eval": str(evaluation.resolve())}
+    if isinstance(cfg, GRPOConfig):
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+        for split, source in (("train", train), ("eval", evaluation)):
+            records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]
+            prompts = _grpo_prompts(records, tokenizer, max_length - cfg.max_completion_length)
+            target = ctx.stage_dir / f"prompts_{split}.jsonl"
+            atomic_write_text(target, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts))
+            paths[split] = str(target.resolve())
+        paths["reward_model"] = str(model_dir(ctx, cfg.reward_stage).resolve())
+    rows = sum(1 for line in Path(paths["train"]).read_text(encoding="utf-8").splitlines() if line.strip())
+    needed = cfg.per_device_batch * cfg.scaling.num_workers
+    if rows < needed:
+        raise UserError(f"{kind}: {rows} training records in {paths['train']}, fewer than one batch "
+                        f"(per_device_batch {cfg.per_device_batch} x num_workers {cfg.scaling.num_workers})")
+    paths.update(work_dir=str((ctx.stage_dir / "trainer").resolve()), log=str((ctx.stage_dir / "metrics.jsonl").resolve()))
+    return paths
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _plot(history: list[dict], key: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PLOTTED = {"sft": "loss", "reward": "loss", "dpo": "loss", "grpo": "reward"}
+
+
+def run(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> StageResult:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.trl_worker import export_checkpoint, trl_train_loop
+
+    paths = prepare_paths(kind, ctx, cfg)
+    trainer = TorchTrainer(
+        trl_train_loop,
+        train_loop_config={"kind": kind, "config": cfg.model_dump(), "paths": paths},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=kind, storage_path=str((ctx.stage_dir / "ray_results").resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{kind} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        model = export_checkpoint(kind, Path(d) / "checkpoint", paths["base"], ctx.stage_dir / "model")
+    history = read_log(ctx.stage_dir / "metrics.jsonl")
+    _plot(history, PLOTTED[kind], ctx.stage_dir / "curve.png", f"{kind}: {PLOTTED[kind]}")
+    last = {k: v for h in history for k, v in h.items() if isinstance(v, (int, float))}
+    summary = {"step": result.metrics.get("step"), **{k: last[k] for k in sorted(last) if k != "step"}}
+    atomic_write_text(ctx.stage_dir / "train.json", json.dumps(summary, indent=2) + "\n")
+    return StageResult(
+        outputs={"model": model, "metrics": ctx.stage_dir / "metrics.jsonl", "curve": ctx.stage_dir / "curve.png"},
+        metrics=summary,
+    )
+
+
+def _stage(kind: str, config_model: type[PostTrainConfig], description: str) -> Stage:
+    return Stage(name=kind, config_model=config_model, run=partial(run, kind), needs=("chat_data",),
+                 outside_inputs=upstream_inputs, description=description)
+
+
+SFT = _stage("sft", SFTConfig, "supervised fine-tuning with TRL's SFTTrainer on Ray Train")
+REWARD = _stage("reward", RewardConfig, "reward model with TRL's RewardTrainer on Ray Train")
+DPO = _stage("dpo", DPOConfig, "preference alignment with TRL's DPOTrainer on Ray Train")
+GRPO = _stage("grpo", GRPOConfig, "GRPO with TRL's GRPOTrainer, rewarded by the reward model, on Ray Train")

@@ -1,0 +1,121 @@
+"""Typed configs of the post-training stages (`sft`, `reward`, `dpo`, `grpo`) and the TRL /
+DeepSpeed arguments built from them (one place, so the GPU DeepSpeed config can be checked by
+transformers on a CPU machine)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from cluster.config import StrictModel
+
+
+class LoraConfig(StrictModel):
+    enabled: bool = False
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class PostScaling(StrictModel):
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    threads_per_worker: int = Field(default=1, ge=1)
+
+
+class PostTrainConfig(StrictModel):
+    """What every post-training stage shares; `base` is the stage whose exported model it starts from."""
+
+    base: str = "pretrain"
+    scaling: PostScaling = PostScaling()
+    lora: LoraConfig = LoraConfig()
+    steps: int = Field(default=30, ge=1)
+    per_device_batch: int = Field(default=4, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=5e-4, gt=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_length: int | None = Field(default=None, ge=16, description="default: the model's context")
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO on GPU workers (CPU: plain DDP)")
+    offload_optimizer: bool = False
+    checkpoint_every: int = Field(default=10, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    log_every: int = Field(default=5, ge=1)
+    max_failures: int = Field(default=2, ge=0)
+    eval_records: int = Field(default=64, ge=1, description="held-out records for the trainer's eval loss")
+    seed: int = 0
+
+
+class SFTConfig(PostTrainConfig):
+    base: str = "pretrain"
+
+
+class RewardConfig(PostTrainConfig):
+    base: str = "pretrain"
+    lr: float = Field(default=1e-3, gt=0)
+
+
+class DPOConfig(PostTrainConfig):
+    base: str = "sft"
+    beta: float = Field(default=0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+
+
+class GRPOConfig(PostTrainConfig):
+    base: str = "sft"
+    reward_stage: str = "reward"
+    reward_model_weight: float = Field(default=1.0, ge=0)
+    rule_rewards: dict[Literal["no_repetition", "ends_cleanly", "length"], float] = Field(
+        default_factory=dict, description="extra rule rewards from jobs.rewards, name -> weight"
+    )
+    num_generations: int = Field(default=4, ge=2)
+    max_completion_length: int = Field(default=48, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.04, ge=0)
+    lr: float = Field(default=2e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _generations_fit(self) -> "GRPOConfig":
+        total = self.per_device_batch * self.scaling.num_workers * self.grad_accum
+        if total % self.num_generations:
+            raise ValueError(
+                f"per_device_batch x num_workers x grad_accum = {total} is not divisible by num_generations "
+                f"{self.num_generations} (each prompt's completions form one group)"
+            )
+        return self
+
+
+def deepspeed_dict(cfg: PostTrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config a GPU run hands TRL/transformers; "auto" is filled from the TrainingArguments."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+    if cfg.offload_optimizer and cfg.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+
+
+def common_args(cfg: PostTrainConfig, output_dir: str, max_length: int) -> dict[str, Any]:
+    """TrainingArguments fields every TRL config takes. CPU: DDP over gloo with `use_cpu`
+    (accelerate takes its DeepSpeed path only with a GPU backend); GPU: bf16 + DeepSpeed."""
+    gpu = cfg.scaling.use_gpu
+    return dict(
+        output_dir=output_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.per_device_batch,
+        per_device_eval_batch_size=cfg.per_device_batch, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, warmup_steps=int(cfg.warmup_ratio * cfg.steps), weight_decay=cfg.weight_decay,
+        lr_scheduler_type="cosine", max_grad_norm=1.0, logging_steps=cfg.log_every, save_strategy="steps",
+        save_steps=cfg.checkpoint_every, save_total_limit=cfg.keep_checkpoints, eval_strategy="no",
+        report_to=[], seed=cfg.seed, data_seed=cfg.seed, use_cpu=not gpu, bf16=gpu,
+        deepspeed=deepspeed_dict(cfg) if gpu else None, dataloader_num_workers=0,
+        disable_tqdm=True, save_only_model=False, ddp_find_unused_parameters=False,
+    )
