@@ -21,6 +21,7 @@ STAGE_TABLE: dict[str, str] = {
     "reward": "jobs.posttrain:REWARD",
     "dpo": "jobs.posttrain:DPO",
     "grpo": "jobs.posttrain:GRPO",
+    "eval": "jobs.evaluate:STAGE",
 }
 
 

@@ -7,7 +7,8 @@ Made honestly from the corpus, each with a right answer taken from the text itse
   <title>: <first sentence>" -> the rest of a later paragraph;
 - code: "Complete this Python function: <signature + docstring>" -> its real body (`ast`).
 Preference pairs: chosen = the right answer; rejected = another document's answer (wrong
-topic), the answer's words shuffled, or the answer cut off after a third. Train/held-out
+topic, from another kind of task when there is one), the answer's words shuffled, or the
+answer cut off after a third. Train/held-out
 follows the corpus split of the source document, so no document feeds both.
 Records go to jsonl in TRL's conversational prompt-completion and preference forms.
 """
@@ -111,9 +112,10 @@ def code_pairs(text: str, cfg: ChatDataConfig) -> list[dict[str, str]]:
 
 def _rejected(kind: str, pair: dict, pool: list[dict], rng: random.Random) -> str | None:
     answer = pair["answer"]
-    if kind == "wrong_topic":
+    if kind == "wrong_topic":  # another document's answer, to another kind of task when there is one
         others = [p for p in pool if p["doc_id"] != pair["doc_id"]]
-        return rng.choice(others)["answer"] if others else None
+        unlike = [p for p in others if p["task"] != pair["task"]]
+        return rng.choice(unlike or others)["answer"] if others else None
     if kind == "shuffled":
         words = answer.split()
         if len(words) < 6:

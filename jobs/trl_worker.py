@@ -36,6 +36,11 @@ def _report_callback(log_path: str | None):
     class ReportToRay(TrainerCallback):
         """Per-log metrics to metrics.jsonl (rank 0); at each save, metrics + checkpoint to Ray."""
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            if log_path and state.is_world_process_zero:  # a resumed run begins at its checkpoint's step
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"event": "train_begin", "step": state.global_step}) + "\n")
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if log_path and state.is_world_process_zero and logs:
                 with open(log_path, "a", encoding="utf-8") as f:

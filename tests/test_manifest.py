@@ -91,11 +91,14 @@ def test_failed_stage_is_recorded_and_resumes_on_rerun(ray_cluster, tmp_path, sm
 
 @pytest.mark.slow
 def test_default_recipe_runs_and_runs_show_prints_its_lineage(ray_cluster, tmp_path):
-    """The README's demo recipe end to end, then `aero runs list/show` read its manifest."""
+    """The README's demo recipe through pretraining (shortened: post-training has its own
+    tests), then `aero runs list/show` read its manifests."""
     from tests.conftest import REPO
 
     runner = CliRunner()
-    result = runner.invoke(app, ["pipeline", str(REPO / "configs/tiny-cpu.yaml"), f"runs_dir={tmp_path}"])
+    result = runner.invoke(app, ["pipeline", str(REPO / "configs/tiny-cpu.yaml"), f"runs_dir={tmp_path}",
+                                 "stages=[data, tokenizer, pretrain]", "pretrain.steps=20",
+                                 "pretrain.checkpoint_every=20", "pretrain.eval_every=20"])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "tiny-cpu/data")
     assert manifest.status == "finished"

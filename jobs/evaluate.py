@@ -1,0 +1,246 @@
+"""Stage `eval`: held-out evaluation of the base and every post-trained model, as one Ray task.
+
+- perplexity on the corpus' held-out packed shards, for every model;
+- instruction loss (answer tokens only) on held-out instruction pairs, for every model;
+- reward-model accuracy on held-out preference pairs (overall and per kind of rejected answer);
+- for the policies (SFT, DPO, GRPO): greedy answers to held-out prompts scored by the reward
+  model (mean score, and win rate against the baseline, ties counting half), and the mean
+  log-probability margin of chosen over rejected answers.
+Results: `eval.json` and `eval.md`. The stage also writes `lm_eval/`, task files with which
+lm-evaluation-harness scores any exported model on the same held-out data offline:
+`lm_eval --model hf --model_args pretrained=MODEL --include_path RUN/eval/lm_eval --tasks aero_heldout`.
+Hand-written scoring because these metrics need our chat template and reward model on
+pairs; lm-evaluation-harness covers the generic perplexity/multiple-choice part.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from cluster.config import StrictModel
+from cluster.manifest import atomic_write_text
+from cluster.stage import Stage, StageContext, StageResult
+
+
+class EvalConfig(StrictModel):
+    models: list[str] = Field(default=["pretrain", "sft", "dpo", "grpo"], description="stages whose models are scored")
+    policies: list[str] = Field(default=["sft", "dpo", "grpo"], description="models whose answers the reward model scores")
+    baseline: str = Field(default="sft", description="win rates are against this policy")
+    reward_stage: str = "reward"
+    ppl_sequences: int = Field(default=64, ge=1)
+    records: int = Field(default=64, ge=1, description="held-out instruction / preference records scored")
+    prompts: int = Field(default=32, ge=1, description="held-out prompts answered by each policy")
+    max_new_tokens: int = Field(default=48, ge=1)
+    cpus: float = Field(default=1.0, gt=0, description="CPUs of the evaluation task")
+
+
+def _read_jsonl(path: Path, limit: int) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+            if len(rows) >= limit:
+                break
+    return rows
+
+
+def _perplexity(model, index: dict, n: int) -> float:
+    import math
+
+    import numpy as np
+    import pyarrow.dataset as pads
+    import torch
+
+    table = pads.dataset(index["splits"]["val"]["path"], format="parquet").head(n, columns=["input_ids"])
+    ids = torch.from_numpy(np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)).astype("int64"))
+    losses = []
+    with torch.no_grad():
+        for batch in ids.split(8):
+            losses.append(model(input_ids=batch, labels=batch).loss.item() * len(batch))
+    return math.exp(sum(losses) / len(ids))
+
+
+def _answer_logprob(model, tokenizer, prompt: list[dict], answer: str) -> tuple[float, int]:
+    """Sum of log-probabilities of the answer (+ end of turn) after the templated prompt."""
+    import torch
+
+    prefix = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    a_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p_ids + a_ids])[:, : model.config.max_position_embeddings]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    logp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
+    answer_part = logp[len(p_ids) - 1:]
+    return float(answer_part.sum()), len(answer_part)
+
+
+def _reward(rm, tokenizer, prompt: list[dict], answer: str) -> float:
+    import torch
+
+    text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", truncation=True,
+                    max_length=rm.config.max_position_embeddings)["input_ids"]
+    with torch.no_grad():
+        return float(rm(input_ids=ids).logits[0, 0])
+
+
+def _generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+    import torch
+
+    tokenizer.padding_side = "left"
+    out = []
+    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    for i in range(0, len(prompts), 8):
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i:i + 8]]
+        batch = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+        room = model.config.max_position_embeddings - batch["input_ids"].shape[1]
+        with torch.no_grad():
+            ids = model.generate(**batch, max_new_tokens=max(1, min(max_new_tokens, room)), do_sample=False,
+                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: dict, data: dict[str, str]) -> dict[str, Any]:
+    """Every figure of eval.json; runs inside one Ray task."""
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    sft_val = _read_jsonl(Path(data["sft_val"]), cfg.records)
+    prefs_val = _read_jsonl(Path(data["prefs_val"]), cfg.records)
+    prompts = [r["prompt"] for r in _read_jsonl(Path(data["sft_val"]), cfg.prompts)]
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
+    rm_tok = AutoTokenizer.from_pretrained(reward_model)
+    result: dict[str, Any] = {"ppl": {}, "instruction_loss": {}, "mean_reward": {}, "logprob_margin": {},
+                              "win_rate": {}, "samples": {}}
+
+    correct = {}
+    for r in prefs_val:
+        ok = _reward(rm, rm_tok, r["prompt"], r["chosen"][0]["content"]) > _reward(rm, rm_tok, r["prompt"], r["rejected"][0]["content"])
+        correct.setdefault(r.get("rejected_kind", "user"), []).append(ok)
+    every = [x for v in correct.values() for x in v]
+    result["reward_accuracy"] = sum(every) / len(every)
+    result["reward_accuracy_by_kind"] = {k: sum(v) / len(v) for k, v in sorted(correct.items())}
+    result["reward_pairs"] = len(every)
+
+    scores: dict[str, list[float]] = {}
+    for name, path in models.items():
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        tok = AutoTokenizer.from_pretrained(path)
+        result["ppl"][name] = _perplexity(model, index, cfg.ppl_sequences)
+        total, count = 0.0, 0
+        for r in sft_val:
+            lp, n = _answer_logprob(model, tok, r["prompt"], r["completion"][0]["content"])
+            total, count = total - lp, count + n
+        result["instruction_loss"][name] = total / max(count, 1)
+        if name in cfg.policies:
+            margins = [_answer_logprob(model, tok, r["prompt"], r["chosen"][0]["content"])[0]
+                       - _answer_logprob(model, tok, r["prompt"], r["rejected"][0]["content"])[0] for r in prefs_val]
+            result["logprob_margin"][name] = statistics.fmean(margins)
+            answers = _generate(model, tok, prompts, cfg.max_new_tokens)
+            scores[name] = [_reward(rm, rm_tok, p, a) for p, a in zip(prompts, answers)]
+            result["mean_reward"][name] = statistics.fmean(scores[name])
+            result["samples"][name] = [{"prompt": p[-1]["content"][:200], "answer": a[:300]} for p, a in zip(prompts[:3], answers[:3])]
+    base = scores.get(cfg.baseline)
+    for name, own in scores.items():
+        if name != cfg.baseline and base is not None:
+            result["win_rate"][name] = statistics.fmean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(own, base))
+    for name in ("dpo", "grpo"):
+        if name in result["win_rate"]:
+            result[f"{name}_win_rate"] = result["win_rate"][name]
+    result["prompts"] = len(prompts)
+    return result
+
+
+def write_lm_eval_tasks(folder: Path, documents_dir: Path, prefs_val: Path, tokenizer_dir: str, limit: int = 200) -> Path:
+    """Task files for lm-evaluation-harness over our held-out split (absolute data paths, offline)."""
+    import pyarrow.dataset as pads
+    import yaml
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pads.dataset(str(documents_dir), format="parquet").to_table(columns=["text", "split"])
+    docs = [{"text": t[:4000]} for t, s in zip(table.column("text").to_pylist(), table.column("split").to_pylist()) if s == "val"]
+    atomic_write_text(folder / "heldout_docs.jsonl", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs[:limit]))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    prefs = []
+    for r in _read_jsonl(prefs_val, limit):
+        prefix = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+        prefs.append({"context": prefix, "chosen": r["chosen"][0]["content"] + "<|im_end|>",
+                      "rejected": r["rejected"][0]["content"] + "<|im_end|>"})
+    atomic_write_text(folder / "heldout_prefs.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prefs))
+    tasks = {
+        "aero_heldout_ppl": {
+            "task": "aero_heldout_ppl", "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str((folder / "heldout_docs.jsonl").resolve())}},
+            "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "",
+            "doc_to_target": "{{text}}",
+            "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
+        },
+        "aero_heldout_prefs": {
+            "task": "aero_heldout_prefs", "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str((folder / "heldout_prefs.jsonl").resolve())}},
+            "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{context}}",
+            "target_delimiter": "", "doc_to_choice": "{{[chosen, rejected]}}", "doc_to_target": 0,
+            "metric_list": [{"metric": "acc"}],
+        },
+    }
+    for name, task in tasks.items():
+        atomic_write_text(folder / f"{name}.yaml", yaml.safe_dump(task, sort_keys=False))
+    atomic_write_text(folder / "aero_heldout.yaml",
+                      yaml.safe_dump({"group": "aero_heldout", "task": list(tasks)}, sort_keys=False))
+    return folder
+
+
+def _table(result: dict[str, Any]) -> str:
+    models = list(result["ppl"])
+    lines = ["| model | held-out ppl | instruction loss | mean reward | win rate vs baseline | chosen-rejected logp margin |",
+             "|---|---|---|---|---|---|"]
+    for m in models:
+        cells = [f"{result['ppl'][m]:.2f}", f"{result['instruction_loss'][m]:.3f}"]
+        cells += [f"{result[k][m]:.3f}" if m in result[k] else "" for k in ("mean_reward", "win_rate", "logprob_margin")]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    by_kind = ", ".join(f"{k} {v:.2f}" for k, v in result["reward_accuracy_by_kind"].items())
+    lines += ["", f"Reward-model accuracy on {result['reward_pairs']} held-out pairs: "
+              f"**{result['reward_accuracy']:.3f}** ({by_kind})."]
+    return "\n".join(lines) + "\n"
+
+
+def run(ctx: StageContext, cfg: EvalConfig) -> StageResult:
+    import ray
+
+    from jobs.posttrain import model_dir
+
+    models = {name: str(model_dir(ctx, name).resolve()) for name in cfg.models}
+    reward_model = str(model_dir(ctx, cfg.reward_stage).resolve())
+    index = json.loads(ctx.upstream_output("tokenizer", "index").read_text())
+    data = {k: str(ctx.upstream_output("chat_data", k).resolve()) for k in ("sft_val", "prefs_val")}
+    task = ray.remote(num_cpus=cfg.cpus)(evaluate)
+    result = ray.get(task.remote(cfg, models, reward_model, index, data))
+    atomic_write_text(ctx.stage_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(ctx.stage_dir / "eval.md", _table(result))
+    tasks = write_lm_eval_tasks(ctx.stage_dir / "lm_eval", ctx.upstream_output("data", "documents"),
+                                Path(data["prefs_val"]), index["tokenizer"])
+    metrics = {k: v for k, v in result.items() if isinstance(v, float)}
+    return StageResult(outputs={"eval": ctx.stage_dir / "eval.json", "table": ctx.stage_dir / "eval.md",
+                                "lm_eval_tasks": tasks}, metrics=metrics)
+
+
+def _upstream(ctx: StageContext, cfg: EvalConfig) -> dict[str, str]:
+    from jobs.posttrain import _is_folder
+
+    refs = {*cfg.models, cfg.reward_stage}
+    return {f"stage:{r}": ctx.upstream(r).fingerprint for r in sorted(refs) if not _is_folder(r)}
+
+
+STAGE = Stage(name="eval", config_model=EvalConfig, run=run, needs=("data", "tokenizer", "chat_data"),
+              outside_inputs=_upstream, description="held-out evaluation of every model; lm-eval task files")

@@ -1,0 +1,234 @@
+"""Post-training on a real local Ray: chat data from the corpus, real TRL trainers (SFT, reward,
+DPO, GRPO) under Ray Train with 2 CPU workers (DDP over gloo), evaluation, lm-eval tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.config import build_recipe
+from cluster.errors import ConfigError, UserError
+from cluster.manifest import read_manifest
+from cluster.runner import run_stage
+from tests.conftest import LENIENT_QUALITY
+
+BASE = {
+    "data": {"sources": ["stdlib:docs", "stdlib:code/json/*.py"], "val_fraction": 0.25,
+             **yaml.safe_load("data:\n" + LENIENT_QUALITY)["data"]},
+    "tokenizer": {"vocab_size": 1024, "seq_len": 128},
+    "pretrain": {"steps": 40, "global_batch": 8, "micro_batch": 4, "warmup_steps": 4, "lr": 3e-3,
+                 "checkpoint_every": 40, "eval_every": 40, "scaling": {"num_workers": 2}},
+    "chat_data": {"max_answer_chars": 240, "pairs_per_document": 6},
+    "sft": {"steps": 24, "per_device_batch": 4, "lr": 1e-3, "checkpoint_every": 12},
+    "reward": {"steps": 40, "per_device_batch": 4, "lr": 1e-3, "checkpoint_every": 40},
+    "dpo": {"steps": 16, "per_device_batch": 4, "lr": 5e-4, "checkpoint_every": 16},
+    "grpo": {"steps": 4, "per_device_batch": 4, "num_generations": 4, "max_completion_length": 16,
+             "checkpoint_every": 4, "rule_rewards": {"no_repetition": 0.5}, "lora": {"enabled": True, "r": 4}},
+    "eval": {"records": 24, "prompts": 8, "max_new_tokens": 16, "ppl_sequences": 16},
+}
+CHAIN = ["data", "tokenizer", "pretrain", "chat_data", "sft", "reward", "dpo", "grpo", "eval"]
+
+
+def recipe(runs: Path, run: str = "post", **sections):
+    return build_recipe({"run": run, "runs_dir": str(runs), "stages": CHAIN, **BASE, **sections})
+
+
+@pytest.fixture(scope="module")
+def post_run(ray_cluster, tmp_path_factory):
+    """The whole post-training chain once; the tests below read what it wrote."""
+    runs = tmp_path_factory.mktemp("post_runs")
+    r = recipe(runs)
+    for stage in CHAIN:
+        run_stage(r, stage)
+    return runs / "post"
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_chat_data_pairs_come_from_the_corpus_split_by_document(post_run):
+    folder = post_run / "chat_data"
+    train, val = _jsonl(folder / "sft_train.jsonl"), _jsonl(folder / "sft_val.jsonl")
+    assert len(train) >= 20 and len(val) >= 4
+    assert not {r["doc_id"] for r in train} & {r["doc_id"] for r in val}
+    assert {"complete_function", "explain"} <= {r["task"] for r in train}
+    prefs = _jsonl(folder / "prefs_train.jsonl")
+    assert {r["rejected_kind"] for r in prefs} == {"wrong_topic", "shuffled", "truncated"}
+    assert all(r["chosen"][0]["content"] != r["rejected"][0]["content"] for r in prefs)
+    function = next(r for r in train if r["task"] == "complete_function")
+    assert function["prompt"][0]["content"].startswith("Complete this Python function:\ndef ")
+
+
+@pytest.mark.slow
+def test_the_chat_template_round_trips_and_every_model_carries_it(post_run):
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = json.loads((post_run / "tokenizer/index.json").read_text())["tokenizer"]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Xin chào! What is a dict?"},
+                {"role": "assistant", "content": "A mapping of keys to values."}]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert text == "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
+    for stage in ("sft", "reward", "dpo", "grpo"):
+        assert AutoTokenizer.from_pretrained(post_run / stage / "model").chat_template == tok.chat_template
+
+
+@pytest.mark.slow
+def test_every_trainer_exports_a_loadable_model(post_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    for stage in ("sft", "dpo", "grpo"):
+        manifest = read_manifest(post_run / stage)
+        assert manifest.status == "finished" and manifest.metrics["step"] == BASE[stage]["steps"]
+        folder = post_run / stage / "model"
+        assert not (folder / "adapter_config.json").exists()  # LoRA (grpo) merged on export
+        model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        prompt = tok.apply_chat_template([{"role": "user", "content": "Explain the for statement."}],
+                                         tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+        assert out.shape[1] > ids.shape[1]
+        assert (post_run / stage / "curve.png").stat().st_size > 1000
+    rm = AutoModelForSequenceClassification.from_pretrained(post_run / "reward/model")
+    assert rm.config.num_labels == 1 and torch.isfinite(rm(input_ids=ids).logits).all()
+    grpo_log = _jsonl(post_run / "grpo/metrics.jsonl")
+    assert any("rewards/no_repetition/mean" in h for h in grpo_log)  # the rule reward took part
+
+
+@pytest.mark.slow
+def test_eval_shows_sft_learned_the_task_reward_beats_chance_and_dpo_widens_the_margin(post_run):
+    result = json.loads((post_run / "eval/eval.json").read_text())
+    assert result["instruction_loss"]["sft"] < result["instruction_loss"]["pretrain"]
+    assert result["reward_accuracy"] > 0.5 and result["reward_pairs"] >= 10
+    assert result["logprob_margin"]["dpo"] > result["logprob_margin"]["sft"]
+    assert set(result["win_rate"]) == {"dpo", "grpo"} and all(0 <= v <= 1 for v in result["win_rate"].values())
+    assert set(result["ppl"]) == {"pretrain", "sft", "dpo", "grpo"}
+    assert "| sft |" in (post_run / "eval/eval.md").read_text()
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_an_exported_model_on_the_held_out_split_offline(post_run, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf",
+           "--model_args", f"pretrained={post_run / 'sft/model'},dtype=float32", "--device", "cpu",
+           "--include_path", str(post_run / "eval/lm_eval"), "--tasks", "aero_heldout", "--limit", "6",
+           "--batch_size", "4", "--output_path", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    assert 0 <= results["aero_heldout_prefs"]["acc,none"] <= 1
+    assert 1 < results["aero_heldout_ppl"]["word_perplexity,none"] < float("inf")
+
+
+def test_malformed_user_records_are_reported_and_the_good_ones_kept(post_run, tmp_path):
+    good = {"prompt": "What is a list?", "chosen": "An ordered, mutable sequence.", "rejected": "A kind of fish."}
+    rows = [
+        json.dumps(good),
+        json.dumps({"prompt": "Where is chosen?", "rejected": "here"}),
+        json.dumps({"prompt": [], "chosen": "a", "rejected": "b"}),
+        json.dumps({"prompt": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}],
+                    "chosen": "a", "rejected": "b"}),
+        json.dumps({"prompt": "word " * 400, "chosen": "a", "rejected": "b"}),
+        "{broken json",
+        json.dumps({**good, "prompt": "What is a tuple?"}),
+    ]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("\n".join(rows) + "\n")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]})
+                   + "\n" + json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
+    runs = post_run.parent
+    target = runs / "userdata"
+    for stage in ("data", "tokenizer"):
+        if not (target / stage).exists():
+            import shutil
+
+            shutil.copytree(post_run / stage, target / stage)
+    r = recipe(runs, "userdata", chat_data={**BASE["chat_data"], "preference_files": [str(prefs)], "sft_files": [str(sft)]})
+    manifest = run_stage(r, "chat_data")
+    problems = {(Path(p["source"]).name, p["index"]): p["reason"] for p in _jsonl(target / "chat_data/problems.jsonl")}
+    assert problems[("prefs.jsonl", 1)] == "missing `chosen`"
+    assert "non-empty" in problems[("prefs.jsonl", 2)]
+    assert "wrong role order" in problems[("prefs.jsonl", 3)]
+    assert "exceed the context of 128 tokens" in problems[("prefs.jsonl", 4)]
+    assert "not JSON" in problems[("prefs.jsonl", 5)]
+    assert "must end with an assistant turn" in problems[("sft.jsonl", 1)]
+    assert len(problems) == 6 and manifest.metrics["rejected_records"] == 6
+    user = [r for split in ("train", "val") for r in _jsonl(target / f"chat_data/prefs_{split}.jsonl") if r["task"] == "user"]
+    assert sorted(r["prompt"][0]["content"] for r in user) == ["What is a list?", "What is a tuple?"]
+
+    with pytest.raises(UserError, match=r"only \d+ valid sft_train records \(chat_data.min_records is 100000\)"):
+        run_stage(recipe(runs, "userdata", chat_data={**BASE["chat_data"], "min_records": 100000}), "chat_data")
+
+
+def test_post_training_configs_are_checked_before_workers_start(post_run):
+    with pytest.raises(ConfigError, match="not divisible by num_generations 3"):
+        build_recipe({"run": "x", "grpo": {"per_device_batch": 4, "num_generations": 3}})
+    with pytest.raises(ConfigError, match="rule_rewards"):
+        build_recipe({"run": "x", "grpo": {"rule_rewards": {"made_up": 1.0}}})
+    runs = post_run.parent
+    with pytest.raises(UserError, match="max_length 4096 is longer than the base model's context of 128"):
+        run_stage(recipe(runs, "post", sft={**BASE["sft"], "max_length": 4096}), "sft")
+    with pytest.raises(UserError, match="is not a Hugging Face model folder"):
+        run_stage(recipe(runs, "post", dpo={**BASE["dpo"], "base": str(runs)}), "dpo")
+
+
+def test_the_gpu_deepspeed_config_is_accepted_by_transformers(post_run, tmp_path):
+    """What a GPU worker would hand TRL: transformers fills the "auto" fields from the trainer's
+    arguments and rejects contradictions; checked here without a GPU."""
+    import trl
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from jobs.posttrain_config import DPOConfig, common_args, deepspeed_dict
+
+    for zero in (2, 3):
+        cfg = DPOConfig.model_validate({"zero_stage": zero, "offload_optimizer": True, "scaling": {"use_gpu": True}})
+        args = trl.DPOConfig(**{**common_args(cfg, str(tmp_path), 128), "use_cpu": True, "bf16": False, "deepspeed": None})
+        ds = HfTrainerDeepSpeedConfig(deepspeed_dict(cfg))
+        ds.trainer_config_process(args)
+        filled = ds.config
+        assert filled["train_micro_batch_size_per_gpu"] == cfg.per_device_batch
+        assert filled["gradient_accumulation_steps"] == cfg.grad_accum and filled["gradient_clipping"] == 1.0
+        assert filled["zero_optimization"]["stage"] == zero and ds.is_zero3() == (zero == 3)
+        assert filled["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_a_killed_trl_worker_is_restarted_from_the_last_checkpoint(post_run):
+    import shutil
+
+    import psutil
+
+    target = post_run.parent / "sftkill"
+    for stage in ("data", "tokenizer", "pretrain", "chat_data"):
+        shutil.copytree(post_run / stage, target / stage)
+    r = recipe(post_run.parent, "sftkill", sft={**BASE["sft"], "steps": 30, "checkpoint_every": 6})
+    results: dict = {}
+    thread = threading.Thread(target=lambda: results.setdefault("manifest", run_stage(r, "sft")))
+    thread.start()
+    storage = target / "sft/ray_results/sft"
+    deadline = time.monotonic() + 300
+    while not list(storage.glob("checkpoint_*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found to kill"
+    workers[-1].kill()
+    thread.join(timeout=600)
+    manifest = results["manifest"]
+    assert manifest.status == "finished" and manifest.metrics["step"] == 30
+    starts = [h["step"] for h in _jsonl(target / "sft/metrics.jsonl") if h.get("event") == "train_begin"]
+    assert starts[0] == 0 and len(starts) == 2 and starts[1] >= 6 and starts[1] % 6 == 0, starts
