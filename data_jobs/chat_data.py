@@ -181,7 +181,7 @@ def _split_of(record: dict) -> str:
     """User records have no source document: split by a hash of the prompt, 1 in 10 held out."""
     import xxhash
 
-    return "val" if xxhash.xxh64_intdigest(json.dumps(record["prompt"], sort_keys=True)) % 10 == 0 else "train"
+    return "val" if xxhash.xxh64_intdigest(json.dumps(record["prompt"], sort_keys=True).encode()) % 10 == 0 else "train"
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

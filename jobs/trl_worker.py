@@ -47,9 +47,10 @@ def _report_callback(log_path: str | None):
                     f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
         def on_save(self, args, state, control, **kwargs):
-            metrics: dict[str, Any] = {"step": state.global_step}
+            metrics: dict[str, Any] = {}
             for entry in state.log_history:
                 metrics.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
+            metrics["step"] = state.global_step  # log entries carry their own, older "step"
             source = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and source.is_dir():
                 with tempfile.TemporaryDirectory() as tmp:
