@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,32 @@ def test_the_gpu_deepspeed_config_is_accepted_by_transformers(post_run, tmp_path
         assert filled["gradient_accumulation_steps"] == cfg.grad_accum and filled["gradient_clipping"] == 1.0
         assert filled["zero_optimization"]["stage"] == zero and ds.is_zero3() == (zero == 3)
         assert filled["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_a_killed_trl_worker_is_restarted_from_the_last_checkpoint(post_run):
+    import shutil
+
+    import psutil
+
+    target = post_run.parent / "sftkill"
+    for stage in ("data", "tokenizer", "pretrain", "chat_data"):
+        shutil.copytree(post_run / stage, target / stage)
+    r = recipe(post_run.parent, "sftkill", sft={**BASE["sft"], "steps": 30, "checkpoint_every": 6})
+    results: dict = {}
+    thread = threading.Thread(target=lambda: results.setdefault("manifest", run_stage(r, "sft")))
+    thread.start()
+    # Ray Train's controller has registered a checkpoint (a report still queued in a worker
+    # that dies is lost, as Ray documents): now kill a worker.
+    snapshot = target / "sft/ray_results/sft/checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
+        time.sleep(0.2)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found to kill"
+    workers[-1].kill()
+    thread.join(timeout=600)
+    manifest = results["manifest"]
+    assert manifest.status == "finished" and manifest.metrics["step"] == 30
+    starts = [h["step"] for h in _jsonl(target / "sft/metrics.jsonl") if h.get("event") == "train_begin"]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 6 and starts[1] % 6 == 0, starts
