@@ -43,6 +43,13 @@ class Manifest(BaseModel):
     ended_at: str | None = None
     error: str | None = None
 
+    @property
+    def output_id(self) -> str:
+        """What a later stage depends on: this stage's fingerprint and the hashes of what it
+        wrote, so a rerun that writes something else (new code, same config) reruns it too."""
+        parts = [self.fingerprint] + [f"{k}={a.sha256}" for k, a in sorted(self.outputs.items())]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -41,7 +41,7 @@ def run_stage(recipe: Recipe, name: str, *, echo: Callable[[str], None] = _echo)
     stage = load_stage(name)
     config = recipe.stage_config(name)
     ctx = stage_context(recipe, name)
-    inputs = {f"stage:{need}": ctx.upstream(need).fingerprint for need in stage.needs}
+    inputs = {f"stage:{need}": ctx.upstream(need).output_id for need in stage.needs}
     inputs.update(stage.outside_inputs(ctx, config))
     config_json = config.model_dump(mode="json")
     print_ = fingerprint(name, config_json, inputs)

@@ -21,7 +21,7 @@ import random
 import re
 import textwrap
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 

@@ -239,7 +239,7 @@ def _upstream(ctx: StageContext, cfg: EvalConfig) -> dict[str, str]:
     from jobs.posttrain import _is_folder
 
     refs = {*cfg.models, cfg.reward_stage}
-    return {f"stage:{r}": ctx.upstream(r).fingerprint for r in sorted(refs) if not _is_folder(r)}
+    return {f"stage:{r}": ctx.upstream(r).output_id for r in sorted(refs) if not _is_folder(r)}
 
 
 STAGE = Stage(name="eval", config_model=EvalConfig, run=run, needs=("data", "tokenizer", "chat_data"),

@@ -45,7 +45,7 @@ def upstream_inputs(ctx: StageContext, cfg: PostTrainConfig) -> dict[str, str]:
     """Fingerprints of the configurable upstream models, so a changed base reruns the stage."""
     return {
         (f"model:{ref}" if _is_folder(ref) else f"stage:{ref}"): (
-            hash_path(Path(ref)) if _is_folder(ref) else ctx.upstream(ref).fingerprint
+            hash_path(Path(ref)) if _is_folder(ref) else ctx.upstream(ref).output_id
         )
         for ref in _model_sources(cfg).values()
     }

@@ -62,6 +62,8 @@ class DPOConfig(PostTrainConfig):
     base: str = "sft"
     beta: float = Field(default=0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    sft_weight: float = Field(default=0.0, ge=0, description="weight of an SFT loss on the chosen answers (RPO); "
+                              "keeps the chosen answers likely while the margin grows")
 
 
 class GRPOConfig(PostTrainConfig):

@@ -60,7 +60,7 @@ def run_training(cfg: PretrainConfig, plan: dict[str, Any], env) -> dict[str, An
                           bos_id=plan["bos_id"], eos_id=plan["eos_id"], pad_id=plan["pad_id"])
     model = build_model(config, use_gpu=cfg.scaling.use_gpu)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     if cfg.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

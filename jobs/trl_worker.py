@@ -102,8 +102,9 @@ def build_trainer(kind: str, cfg: PostTrainConfig, paths: dict[str, str], output
     if kind == "dpo":
         assert isinstance(cfg, DPOConfig)
         model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=dtype)
+        losses, weights = ([cfg.loss_type, "sft"], [1.0, cfg.sft_weight]) if cfg.sft_weight else ([cfg.loss_type], None)
         return trl.DPOTrainer(model=model, args=trl.DPOConfig(**args, max_length=max_length, beta=cfg.beta,
-                                                              loss_type=[cfg.loss_type]),
+                                                              loss_type=losses, loss_weights=weights),
                               peft_config=_peft_config(cfg, "CAUSAL_LM"), **common)
     assert isinstance(cfg, GRPOConfig)
     from jobs.rewards import RULE_REWARDS

@@ -114,3 +114,15 @@ def test_default_recipe_runs_and_runs_show_prints_its_lineage(ray_cluster, tmp_p
     assert "in   source:stdlib:docs:" in shown.output
     as_json = runner.invoke(app, ["runs", "show", "tiny-cpu", f"--runs-dir={tmp_path}", "--json"])
     assert json.loads(as_json.output)[0]["fingerprint"] == manifest.fingerprint
+
+
+def test_later_stages_depend_on_what_a_stage_wrote_not_only_on_its_config():
+    """A stage rerun with the same config that writes different outputs (new code) changes
+    the id that later stages fingerprint, so they rerun too."""
+    from cluster.manifest import Artifact
+
+    base = dict(stage="chat_data", run="r", status="finished", fingerprint="f" * 64, config={}, started_at=utc_now())
+    first = Manifest(**base, outputs={"sft_train": Artifact(path="a", sha256="1" * 64)})
+    same = Manifest(**base, outputs={"sft_train": Artifact(path="a", sha256="1" * 64)})
+    rewritten = Manifest(**base, outputs={"sft_train": Artifact(path="a", sha256="2" * 64)})
+    assert first.output_id == same.output_id != rewritten.output_id

@@ -220,8 +220,8 @@ def test_a_killed_trl_worker_is_restarted_from_the_last_checkpoint(post_run):
     results: dict = {}
     thread = threading.Thread(target=lambda: results.setdefault("manifest", run_stage(r, "sft")))
     thread.start()
-    # Ray Train's controller has registered a checkpoint (a report still queued in a worker
-    # that dies is lost, as Ray documents): now kill a worker.
+    # Kill a worker once Ray Train's controller has registered a checkpoint (a report still
+    # queued in a worker that dies never reaches the controller).
     snapshot = target / "sft/ray_results/sft/checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):

@@ -152,3 +152,22 @@ def test_training_loop_runs_without_ray_and_resumes_from_its_checkpoint(corpus_r
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4, 5, 6, 7, 8]  # resumed at step 7
     resumed = read_history(tmp_path / "metrics.jsonl")
     assert resumed[6]["consumed_micro_batches"] == first[-1]["consumed_micro_batches"] + cfg.grad_accum
+
+
+@pytest.mark.slow
+def test_optimizer_offload_and_activation_checkpointing_train(corpus_run, tmp_path):
+    """ZeRO-2 with the optimizer state offloaded to CPU (DeepSpeedCPUAdam) and activation
+    checkpointing on, in the per-worker loop without Ray."""
+    from jobs.pretrain import plan_run
+    from jobs.pretrain_config import PretrainConfig
+    from jobs.train_loop import LocalEnv, run_training
+
+    index = json.loads((corpus_run / "base/tokenizer/index.json").read_text())
+    cfg = PretrainConfig.model_validate({**PRETRAIN, "steps": 6, "checkpoint_every": 6, "eval_every": 6,
+                                         "offload_optimizer": True, "activation_checkpointing": True,
+                                         "scaling": {"num_workers": 1}})
+    run_training(cfg, plan_run(cfg, index), LocalEnv(index, cfg.micro_batch, tmp_path))
+    history = read_history(tmp_path / "metrics.jsonl")
+    assert [h["step"] for h in history] == list(range(1, 7))
+    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["val_loss"] is not None
+    assert (tmp_path / "checkpoints/step-6").is_dir()
