@@ -84,6 +84,19 @@ def pipeline(config: Recipe, overrides: Overrides = None, address: RayAddress = 
     typer.echo(f"run folder: {recipe.run_dir}")
 
 
+@app.command("tune")
+@user_errors
+def tune_command(config: Recipe, overrides: Overrides = None, address: RayAddress = None, overlay: Overlays = None) -> None:
+    """Run the recipe's `tune` section: a Ray Tune search; prints the best trial and its overlay."""
+    from cluster.runner import run_stage
+
+    recipe = _recipe(config, overrides or [], overlay or [], address)
+    manifest = run_stage(recipe, "tune")
+    best = recipe.run_dir / "tune" / "best.yaml"
+    typer.echo(f"tune: {manifest.status}; best {manifest.metrics}")
+    typer.echo(f"best config: {best}  (aero pipeline {config} --overlay {best})")
+
+
 @app.command()
 @user_errors
 def submit(

@@ -118,6 +118,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    """{"model.overrides.hidden_size": 64} -> {"model": {"overrides": {"hidden_size": 64}}}."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        out = deep_merge(out, _one(key.split("."), value))
+    return out
+
+
+def _one(parts: list[str], value: Any) -> dict[str, Any]:
+    return {parts[0]: value} if len(parts) == 1 else {parts[0]: _one(parts[1:], value)}
+
+
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     """A copy of `base` with `overlay`'s keys merged in, sections merged recursively."""
     merged = dict(base)

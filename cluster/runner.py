@@ -32,7 +32,8 @@ def _echo(message: str) -> None:
 
 def stage_context(recipe: Recipe, name: str) -> StageContext:
     return StageContext(
-        name=name, run=recipe.run, run_dir=recipe.run_dir, stage_dir=recipe.run_dir / name
+        name=name, run=recipe.run, run_dir=recipe.run_dir, stage_dir=recipe.run_dir / name,
+        stage_config=recipe.stage_config,
     )
 
 

@@ -35,6 +35,8 @@ class StageContext:
     run: str
     run_dir: Path
     stage_dir: Path
+    # Another stage's validated config from the same recipe (the `tune` stage searches over one).
+    stage_config: Callable[[str], Any] | None = None
 
     def upstream(self, stage: str) -> Manifest:
         """The finished manifest of an earlier stage of this run, or a clear error."""

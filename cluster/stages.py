@@ -22,6 +22,7 @@ STAGE_TABLE: dict[str, str] = {
     "dpo": "jobs.posttrain:DPO",
     "grpo": "jobs.posttrain:GRPO",
     "eval": "jobs.evaluate:STAGE",
+    "tune": "tune.search:STAGE",
 }
 
 

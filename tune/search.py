@@ -1,0 +1,155 @@
+"""Stage `tune` (also `aero tune CONFIG`): a Ray Tune search over a training stage's config.
+
+ASHA stops bad trials early (PBT or FIFO as options); Optuna's TPE proposes trials (random or
+grid as options); the budget is a number of trials and/or wall time. A rerun of an
+interrupted search restores it with `Tuner.restore` (finished trials are kept, unfinished
+ones resume from their last checkpoint); a crashing trial is recorded as failed with its
+error and the search goes on. Writes `trials.csv`, `trials.png`, `tune.json` and `best.yaml`,
+an overlay for `aero pipeline CONFIG --overlay best.yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.config import nested
+from cluster.errors import UserError
+from cluster.manifest import atomic_write_text
+from cluster.stage import Stage, StageContext, StageResult
+from tune.search_config import TuneConfig, check_space
+
+
+def _scheduler(cfg: TuneConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    s = cfg.scheduler
+    if s.type == "asha":
+        return ASHAScheduler(time_attr="training_iteration", grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor)
+    if s.type == "pbt":
+        mutations = {path: p.to_tune() for path, p in cfg.space.items() if p.kind != "grid"}
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
+                                       hyperparam_mutations=mutations, seed=cfg.seed)
+    return FIFOScheduler()
+
+
+def _searcher(cfg: TuneConfig):
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if cfg.searcher == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(2, cfg.num_samples // 3))
+        return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=cfg.max_concurrent)
+    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent)
+
+
+def build_tuner(cfg: TuneConfig, section: dict[str, Any], index: dict[str, Any], storage: Path):
+    from ray import tune
+
+    from tune.trainable import pretrain_trial
+
+    trainable = tune.with_resources(tune.with_parameters(pretrain_trial, section=section, index=index),
+                                    {"cpu": cfg.cpus_per_trial})
+    if tune.Tuner.can_restore(str(storage / "tune")):
+        return tune.Tuner.restore(str(storage / "tune"), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False), True
+    return tune.Tuner(
+        trainable,
+        param_space={path: p.to_tune() for path, p in cfg.space.items()},
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples, time_budget_s=cfg.time_budget_s,
+            scheduler=_scheduler(cfg), search_alg=_searcher(cfg), max_concurrent_trials=cfg.max_concurrent,
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=str(storage),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+    ), False
+
+
+def summarize(cfg: TuneConfig, results) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """One row per trial (config, best metric, steps trained, status, error) and the best row."""
+    rows = []
+    better = min if cfg.mode == "min" else max
+    for r in results:
+        history = r.metrics_dataframe
+        values = [] if history is None or cfg.metric not in history else [v for v in history[cfg.metric] if v == v]
+        row = {"trial": Path(r.path).name, **{k: r.config.get(k) for k in cfg.space},
+               cfg.metric: better(values) if values else None,
+               "evaluations": len(values), "steps": int(r.metrics.get("step") or 0) if r.metrics else 0,
+               "status": "failed" if r.error else "finished", "error": str(r.error).strip().splitlines()[-1] if r.error else ""}
+        rows.append(row)
+    good = [row for row in rows if row[cfg.metric] is not None and math.isfinite(row[cfg.metric])]
+    best = (min if cfg.mode == "min" else max)(good, key=lambda row: row[cfg.metric]) if good else None
+    return rows, best
+
+
+def _plot(cfg: TuneConfig, results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        df = r.metrics_dataframe
+        if df is not None and cfg.metric in df and "step" in df:
+            ax.plot(df["step"], df[cfg.metric], "o-", label=Path(r.path).name[-18:])
+    ax.set_xlabel("step")
+    ax.set_ylabel(cfg.metric)
+    ax.set_title(f"tune: {cfg.metric} per trial")
+    if len(results) <= 12:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _tuned_section(ctx: StageContext, cfg: TuneConfig) -> dict[str, Any]:
+    """The recipe's section of the tuned stage: the base every trial starts from."""
+    return ctx.stage_config(cfg.stage).model_dump(mode="json")
+
+
+def _section_input(ctx: StageContext, cfg: TuneConfig) -> dict[str, str]:
+    import hashlib
+
+    text = json.dumps(_tuned_section(ctx, cfg), sort_keys=True)
+    return {f"section:{cfg.stage}": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def run(ctx: StageContext, cfg: TuneConfig) -> StageResult:
+    import pandas as pd
+
+    from cluster.stages import load_stage
+
+    section = check_space(cfg, load_stage(cfg.stage).config_model, _tuned_section(ctx, cfg))
+    index = json.loads(ctx.upstream_output("tokenizer", "index").read_text())
+    tuner, restored = build_tuner(cfg, section, index, (ctx.stage_dir / "ray_results").resolve())
+    if restored:
+        print("aero: tune: restoring the interrupted search (finished trials are kept)", flush=True)
+    results = tuner.fit()
+    rows, best = summarize(cfg, results)
+    pd.DataFrame(rows).to_csv(ctx.stage_dir / "trials.csv", index=False)
+    _plot(cfg, results, ctx.stage_dir / "trials.png")
+    if best is None:
+        raise UserError(f"tune: no trial reported {cfg.metric} ({len(rows)} trials; see trials.csv for errors)")
+    overlay = {cfg.stage: nested({k: best[k] for k in cfg.space})}
+    atomic_write_text(ctx.stage_dir / "best.yaml", yaml.safe_dump(overlay, sort_keys=False))
+    summary = {"best": best, "trials": len(rows), "failed": sum(r["status"] == "failed" for r in rows),
+               "stopped_early": sum(r["status"] == "finished" and r["steps"] < section["steps"] for r in rows),
+               "trial_steps": sum(r["steps"] for r in rows), f"best_{cfg.metric}": best[cfg.metric], "restored": restored}
+    atomic_write_text(ctx.stage_dir / "tune.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return StageResult(
+        outputs={"trials": ctx.stage_dir / "trials.csv", "best": ctx.stage_dir / "best.yaml",
+                 "plot": ctx.stage_dir / "trials.png", "summary": ctx.stage_dir / "tune.json"},
+        metrics={k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+    )
+
+
+STAGE = Stage(name="tune", config_model=TuneConfig, run=run, needs=("tokenizer",), outside_inputs=_section_input,
+              description="Ray Tune search (ASHA + Optuna TPE) over a training stage's config")

@@ -1,0 +1,60 @@
+"""A Tune trial = the `pretrain` stage's own per-worker loop (`jobs.train_loop.run_training`)
+in one process, with the sampled fields set in the stage's config.
+
+Every evaluation is reported to Tune with a checkpoint (ASHA stops on it, PBT exploits it,
+a restored search resumes from it), so the trial config sets checkpoint_every = report_every
+= eval_every."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from cluster.config import deep_merge, nested
+from jobs.train_loop import LocalEnv
+
+
+class TuneEnv(LocalEnv):
+    """LocalEnv whose reports and checkpoints go to Ray Tune."""
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            yield None
+        else:
+            with checkpoint.as_directory() as d:
+                yield d
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        from ray import tune
+
+        if metrics.get("val_loss") is None:
+            return
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
+
+
+def trial_section(section: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
+    """The stage section of one trial: sampled fields set, one in-process worker, and every
+    evaluation reported with a checkpoint."""
+    merged = deep_merge(section, nested(sampled))
+    every = merged.get("eval_every", 20)
+    return deep_merge(merged, {"checkpoint_every": every, "report_every": every,
+                               "scaling": {"num_workers": 1, "threads_per_worker": 1}})
+
+
+def pretrain_trial(sampled: dict[str, Any], *, section: dict[str, Any], index: dict[str, Any]) -> None:
+    """The function Tune runs per trial."""
+    import ray.tune
+
+    from jobs.pretrain import plan_run
+    from jobs.pretrain_config import PretrainConfig
+    from jobs.train_loop import run_training
+
+    cfg = PretrainConfig.model_validate(trial_section(section, sampled))
+    out = Path(ray.tune.get_context().get_trial_dir()) / "work"
+    run_training(cfg, plan_run(cfg, index), TuneEnv(index, cfg.micro_batch, out))
