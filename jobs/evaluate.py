@@ -3,8 +3,10 @@
 - perplexity on the corpus' held-out packed shards, for every model;
 - instruction loss (answer tokens only) on held-out instruction pairs, for every model;
 - reward-model accuracy on held-out preference pairs (overall and per kind of rejected answer);
-- for the policies (SFT, DPO, GRPO): greedy answers to held-out prompts scored by the reward
-  model (mean score, and win rate against the baseline, ties counting half), and the mean
+- for the policies (SFT, DPO, GRPO): answers to held-out prompts (sampled at the temperature
+  the policies were trained with, the same seed for each) scored by the reward model (mean
+  score, and win rate against the baseline answer to the same prompt, ties counting half),
+  and the mean
   log-probability margin of chosen over rejected answers.
 Results: `eval.json` and `eval.md`. The stage also writes `lm_eval/`, task files with which
 lm-evaluation-harness scores any exported model on the same held-out data offline:
@@ -35,6 +37,9 @@ class EvalConfig(StrictModel):
     records: int = Field(default=64, ge=1, description="held-out instruction / preference records scored")
     prompts: int = Field(default=32, ge=1, description="held-out prompts answered by each policy")
     max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=0.7, ge=0, description="sampling temperature of the answers; 0 = greedy")
+    samples_per_prompt: int = Field(default=2, ge=1, description="answers per prompt and policy (same seed for each policy)")
+    seed: int = 0
     cpus: float = Field(default=1.0, gt=0, description="CPUs of the evaluation task")
 
 
@@ -90,9 +95,15 @@ def _reward(rm, tokenizer, prompt: list[dict], answer: str) -> float:
         return float(rm(input_ids=ids).logits[0, 0])
 
 
-def _generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+def _generate(model, tokenizer, prompts: list[list[dict]], cfg: EvalConfig) -> list[str]:
+    """`samples_per_prompt` answers per prompt (prompt-major), sampled with the same seed for
+    every policy so that their answers differ only by their weights."""
     import torch
 
+    torch.manual_seed(cfg.seed)
+    prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": 1.0} if cfg.temperature > 0 else {"do_sample": False}
+    max_new_tokens = cfg.max_new_tokens
     tokenizer.padding_side = "left"
     out = []
     stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
@@ -101,7 +112,7 @@ def _generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) 
         batch = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
         room = model.config.max_position_embeddings - batch["input_ids"].shape[1]
         with torch.no_grad():
-            ids = model.generate(**batch, max_new_tokens=max(1, min(max_new_tokens, room)), do_sample=False,
+            ids = model.generate(**batch, max_new_tokens=max(1, min(max_new_tokens, room)), **sampling,
                                  eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
         out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return out
@@ -146,10 +157,11 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
             margins = [_answer_logprob(model, tok, r["prompt"], r["chosen"][0]["content"])[0]
                        - _answer_logprob(model, tok, r["prompt"], r["rejected"][0]["content"])[0] for r in prefs_val]
             result["logprob_margin"][name] = statistics.fmean(margins)
-            answers = _generate(model, tok, prompts, cfg.max_new_tokens)
-            scores[name] = [_reward(rm, rm_tok, p, a) for p, a in zip(prompts, answers)]
+            answers = _generate(model, tok, prompts, cfg)
+            asked = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+            scores[name] = [_reward(rm, rm_tok, p, a) for p, a in zip(asked, answers)]
             result["mean_reward"][name] = statistics.fmean(scores[name])
-            result["samples"][name] = [{"prompt": p[-1]["content"][:200], "answer": a[:300]} for p, a in zip(prompts[:3], answers[:3])]
+            result["samples"][name] = [{"prompt": p[-1]["content"][:200], "answer": a[:300]} for p, a in zip(asked[:3], answers[:3])]
     base = scores.get(cfg.baseline)
     for name, own in scores.items():
         if name != cfg.baseline and base is not None:
@@ -158,6 +170,8 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
         if name in result["win_rate"]:
             result[f"{name}_win_rate"] = result["win_rate"][name]
     result["prompts"] = len(prompts)
+    result["answers_per_policy"] = len(prompts) * cfg.samples_per_prompt
+    result["sampling"] = {"temperature": cfg.temperature, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens}
     return result
 
 
