@@ -94,27 +94,29 @@ def test_a_bad_field_in_the_space_is_rejected_before_any_trial(tune_runs):
 
 @pytest.mark.slow
 def test_an_interrupted_search_resumes_without_rerunning_finished_trials(tune_runs):
-    path = _recipe_file(tune_runs, "interrupted", num_samples=4, scheduler={"type": "fifo"})
+    path = _recipe_file(tune_runs, "interrupted", num_samples=3, max_concurrent=1, scheduler={"type": "fifo"},
+                        trial={"steps": 24, "eval_every": 3, "eval_batches": 2})
     aero = [str(Path(sys.executable).parent / "aero"), "tune", str(path)]
     proc = subprocess.Popen(aero, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     storage = tune_runs / "interrupted/tune/ray_results/tune"
     deadline = time.monotonic() + 300
 
-    def finished() -> list[Path]:
+    def finished() -> list[Path]:  # trials whose last report is the last step
         return [p.parent for p in storage.glob("*/result.json")
-                if any(json.loads(line).get("done") for line in p.read_text().splitlines() if line.strip())]
+                if any(json.loads(line).get("step") == 24 for line in p.read_text().splitlines() if line.strip())]
 
     while time.monotonic() < deadline and not finished():
         time.sleep(0.5)
     done_before = {p.name: (p / "result.json").read_text() for p in finished()}
     assert done_before, "no trial finished before the deadline"
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "the search was interrupted" in out, out[-3000:]
 
     again = subprocess.run(aero, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "restoring the interrupted search" in again.stdout + again.stderr
     trials = pd.read_csv(tune_runs / "interrupted/tune/trials.csv")
-    assert len(trials) == 4 and set(trials["status"]) == {"finished"}
+    assert len(trials) == 3 and set(trials["status"]) == {"finished"} and set(trials["steps"]) == {24}
     for name, before in done_before.items():
         assert (storage / name / "result.json").read_text() == before, f"finished trial {name} was run again"

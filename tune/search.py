@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,32 @@ def _searcher(cfg: TuneConfig):
     return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent)
 
 
-def build_tuner(cfg: TuneConfig, section: dict[str, Any], index: dict[str, Any], storage: Path):
+def _ended_trials(record: Path):
+    """A Tune callback that appends to `record` the id of every trial that ended by itself
+    (finished, stopped by the scheduler, or errored). A Ctrl-C stops the running trials
+    without such an end, so they are told apart from early-stopped ones, across restores."""
+    from ray.tune import Callback
+
+    class EndedTrials(Callback):
+        def _note(self, trial) -> None:
+            with open(record, "a", encoding="utf-8") as f:
+                f.write(trial.trial_id + "\n")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._note(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._note(trial)
+
+    return EndedTrials()
+
+
+def expected_trials(cfg: TuneConfig) -> int:
+    grid = math.prod(len(p.grid) for p in cfg.space.values() if p.kind == "grid")
+    return cfg.num_samples * grid
+
+
+def build_tuner(cfg: TuneConfig, section: dict[str, Any], index: dict[str, Any], storage: Path, ended):
     from ray import tune
 
     from tune.trainable import pretrain_trial
@@ -58,6 +84,7 @@ def build_tuner(cfg: TuneConfig, section: dict[str, Any], index: dict[str, Any],
     trainable = tune.with_resources(tune.with_parameters(pretrain_trial, section=section, index=index),
                                     {"cpu": cfg.cpus_per_trial})
     if tune.Tuner.can_restore(str(storage / "tune")):
+        # The saved run config (with the callback) comes back with the experiment state.
         return tune.Tuner.restore(str(storage / "tune"), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False), True
     return tune.Tuner(
@@ -67,7 +94,7 @@ def build_tuner(cfg: TuneConfig, section: dict[str, Any], index: dict[str, Any],
             metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples, time_budget_s=cfg.time_budget_s,
             scheduler=_scheduler(cfg), search_alg=_searcher(cfg), max_concurrent_trials=cfg.max_concurrent,
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(storage),
+        run_config=tune.RunConfig(name="tune", storage_path=str(storage), callbacks=[ended],
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
     ), False
 
@@ -129,10 +156,20 @@ def run(ctx: StageContext, cfg: TuneConfig) -> StageResult:
 
     section = check_space(cfg, load_stage(cfg.stage).config_model, _tuned_section(ctx, cfg))
     index = json.loads(ctx.upstream_output("tokenizer", "index").read_text())
-    tuner, restored = build_tuner(cfg, section, index, (ctx.stage_dir / "ray_results").resolve())
+    record = ctx.stage_dir / "ended_trials.txt"
+    storage = (ctx.stage_dir / "ray_results").resolve()
+    tuner, restored = build_tuner(cfg, section, index, storage, _ended_trials(record))
     if restored:
         print("aero: tune: restoring the interrupted search (finished trials are kept)", flush=True)
+    start = time.monotonic()
     results = tuner.fit()
+    ended = set(record.read_text().split()) if record.exists() else set()
+    open_trials = [r for r in results if not r.error and (r.metrics or {}).get("trial_id") not in ended]
+    out_of_time = cfg.time_budget_s is not None and time.monotonic() - start >= cfg.time_budget_s
+    if open_trials or (len(results) < expected_trials(cfg) and not out_of_time):
+        # Ctrl-C: Tune saved its state and stopped; a rerun restores it.
+        raise UserError(f"tune: the search was interrupted ({len(results) - len(open_trials)} of "
+                        f"{expected_trials(cfg)} trials ended); run the same command again to resume it")
     rows, best = summarize(cfg, results)
     pd.DataFrame(rows).to_csv(ctx.stage_dir / "trials.csv", index=False)
     _plot(cfg, results, ctx.stage_dir / "trials.png")
