@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from cluster.cli import app
+from cluster.manifest import read_manifest
 from data_jobs.packing import pack_ids
 from data_jobs.tokenizer_stage import TokenizerConfig, train_tokenizer
 
@@ -91,7 +92,8 @@ def test_stage_writes_shards_without_cross_split_leakage(ray_cluster, tmp_path):
     assert not any(m in decoded["train"] for m in val_markers)
     assert any(m in decoded["val"] for m in val_markers)
     manifest = json.loads((stage / "manifest.json").read_text())
-    assert manifest["inputs"]["stage:data"] == json.loads((tmp_path / "runs/tok/data/manifest.json").read_text())["fingerprint"]
+    # Lineage: the tokenizer depends on what the data stage wrote (its output_id), not only its config.
+    assert manifest["inputs"]["stage:data"] == read_manifest(tmp_path / "runs/tok/data").output_id
 
 
 def test_tokenizer_needs_data_first(ray_cluster, tmp_path):
