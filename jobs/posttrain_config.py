@@ -42,6 +42,7 @@ class PostTrainConfig(StrictModel):
     zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO on GPU workers (CPU: plain DDP)")
     offload_optimizer: bool = False
     checkpoint_every: int = Field(default=10, ge=1)
+    eval_every: int | None = Field(default=None, ge=1, description="steps between held-out evaluations (none: off)")
     keep_checkpoints: int = Field(default=2, ge=1)
     log_every: int = Field(default=5, ge=1)
     max_failures: int = Field(default=2, ge=0)
@@ -116,7 +117,8 @@ def common_args(cfg: PostTrainConfig, output_dir: str, max_length: int) -> dict[
         per_device_eval_batch_size=cfg.per_device_batch, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr, warmup_steps=int(cfg.warmup_ratio * cfg.steps), weight_decay=cfg.weight_decay,
         lr_scheduler_type="cosine", max_grad_norm=1.0, logging_steps=cfg.log_every, save_strategy="steps",
-        save_steps=cfg.checkpoint_every, save_total_limit=cfg.keep_checkpoints, eval_strategy="no",
+        save_steps=cfg.checkpoint_every, save_total_limit=cfg.keep_checkpoints,
+        eval_strategy="steps" if cfg.eval_every else "no", eval_steps=cfg.eval_every,
         report_to=[], seed=cfg.seed, data_seed=cfg.seed, use_cpu=not gpu, bf16=gpu,
         deepspeed=deepspeed_dict(cfg) if gpu else None, dataloader_num_workers=0,
         disable_tqdm=True, save_only_model=False, ddp_find_unused_parameters=False,

@@ -234,3 +234,19 @@ def test_a_killed_trl_worker_is_restarted_from_the_last_checkpoint(post_run):
     assert manifest.status == "finished" and manifest.metrics["step"] == 30
     starts = [h["step"] for h in _jsonl(target / "sft/metrics.jsonl") if h.get("event") == "train_begin"]
     assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 6 and starts[1] % 6 == 0, starts
+
+
+@pytest.mark.slow
+def test_tune_searches_a_trl_stage_field(post_run):
+    """Ray Tune over DPO's beta and learning rate, each trial the stage's TRL trainer in one process."""
+    import pandas as pd
+
+    tune = {"stage": "dpo", "metric": "eval_loss", "searcher": "random", "scheduler": {"type": "fifo"},
+            "space": {"beta": {"choice": [0.05, 0.3]}, "lr": {"loguniform": [1e-4, 1e-3]}},
+            "trial": {"steps": 4, "eval_every": 2, "eval_records": 8, "checkpoint_every": 4}, "num_samples": 2}
+    manifest = run_stage(recipe(post_run.parent, "post", tune=tune), "tune")
+    trials = pd.read_csv(post_run / "tune/trials.csv")
+    assert len(trials) == 2 and set(trials["status"]) == {"finished"} and set(trials["steps"]) == {4}
+    assert trials["eval_loss"].notna().all() and manifest.metrics["trial_steps"] == 8
+    best = yaml.safe_load((post_run / "tune/best.yaml").read_text())
+    assert set(best["dpo"]) == {"beta", "lr"} and best["dpo"]["beta"] in (0.05, 0.3)

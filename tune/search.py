@@ -76,13 +76,16 @@ def expected_trials(cfg: TuneConfig) -> int:
     return cfg.num_samples * grid
 
 
-def build_tuner(cfg: TuneConfig, section: dict[str, Any], index: dict[str, Any], storage: Path, ended):
+def build_tuner(cfg: TuneConfig, section: dict[str, Any], inputs: dict[str, Any], storage: Path, ended):
     from ray import tune
 
-    from tune.trainable import pretrain_trial
+    from tune.trainable import pretrain_trial, trl_trial
 
-    trainable = tune.with_resources(tune.with_parameters(pretrain_trial, section=section, index=index),
-                                    {"cpu": cfg.cpus_per_trial})
+    if cfg.stage == "pretrain":
+        trial = tune.with_parameters(pretrain_trial, section=section, index=inputs)
+    else:
+        trial = tune.with_parameters(trl_trial, kind=cfg.stage, section=section, paths=inputs, metric=cfg.metric)
+    trainable = tune.with_resources(trial, {"cpu": cfg.cpus_per_trial})
     if tune.Tuner.can_restore(str(storage / "tune")):
         # The saved run config (with the callback) comes back with the experiment state.
         return tune.Tuner.restore(str(storage / "tune"), trainable=trainable, resume_unfinished=True,
@@ -142,11 +145,25 @@ def _tuned_section(ctx: StageContext, cfg: TuneConfig) -> dict[str, Any]:
     return ctx.stage_config(cfg.stage).model_dump(mode="json")
 
 
+def _tuned_context(ctx: StageContext, cfg: TuneConfig) -> StageContext:
+    """The tuned stage as seen from this run (its upstream stages), writing into tune's folder."""
+    return StageContext(name=cfg.stage, run=ctx.run, run_dir=ctx.run_dir, stage_dir=ctx.stage_dir / "inputs",
+                        stage_config=ctx.stage_config)
+
+
 def _section_input(ctx: StageContext, cfg: TuneConfig) -> dict[str, str]:
+    """The tuned stage's section and, for a TRL stage, its data and base models."""
     import hashlib
 
-    text = json.dumps(_tuned_section(ctx, cfg), sort_keys=True)
-    return {f"section:{cfg.stage}": hashlib.sha256(text.encode()).hexdigest()}
+    section = ctx.stage_config(cfg.stage)
+    inputs = {f"section:{cfg.stage}": hashlib.sha256(json.dumps(section.model_dump(mode="json"), sort_keys=True)
+                                                     .encode()).hexdigest()}
+    if cfg.stage != "pretrain":
+        from jobs.posttrain import upstream_inputs
+
+        inputs["stage:chat_data"] = ctx.upstream("chat_data").output_id
+        inputs.update(upstream_inputs(_tuned_context(ctx, cfg), section))
+    return inputs
 
 
 def run(ctx: StageContext, cfg: TuneConfig) -> StageResult:
@@ -154,11 +171,17 @@ def run(ctx: StageContext, cfg: TuneConfig) -> StageResult:
 
     from cluster.stages import load_stage
 
-    section = check_space(cfg, load_stage(cfg.stage).config_model, _tuned_section(ctx, cfg))
-    index = json.loads(ctx.upstream_output("tokenizer", "index").read_text())
+    stage = load_stage(cfg.stage)
+    section = check_space(cfg, stage.config_model, _tuned_section(ctx, cfg))
+    if cfg.stage == "pretrain":
+        inputs = json.loads(ctx.upstream_output("tokenizer", "index").read_text())
+    else:  # the TRL stage's data and base model, checked the way the stage checks them
+        from jobs.posttrain import prepare_paths
+
+        inputs = prepare_paths(cfg.stage, _tuned_context(ctx, cfg), stage.config_model.model_validate(section))
     record = ctx.stage_dir / "ended_trials.txt"
     storage = (ctx.stage_dir / "ray_results").resolve()
-    tuner, restored = build_tuner(cfg, section, index, storage, _ended_trials(record))
+    tuner, restored = build_tuner(cfg, section, inputs, storage, _ended_trials(record))
     if restored:
         print("aero: tune: restoring the interrupted search (finished trials are kept)", flush=True)
     start = time.monotonic()

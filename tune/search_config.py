@@ -70,9 +70,10 @@ class Scheduler(StrictModel):
 
 
 class TuneConfig(StrictModel):
-    stage: Literal["pretrain"] = "pretrain"
+    stage: Literal["pretrain", "sft", "reward", "dpo", "grpo"] = "pretrain"
     space: dict[str, Param] = Field(description="dotted field path in the stage's config -> distribution")
-    metric: str = "val_loss"
+    metric: str = Field(default="val_loss", description="pretrain: val_loss; TRL stages: eval_loss, eval_accuracy "
+                        "(reward), reward (grpo), ... with their eval_every set")
     mode: Literal["min", "max"] = "min"
     num_samples: int = Field(default=6, ge=1, description="trials (with grid: repeats of the grid)")
     time_budget_s: float | None = Field(default=None, gt=0, description="stop starting trials after this long")
@@ -103,7 +104,8 @@ def check_space(cfg: TuneConfig, stage_model: type[StrictModel], base: dict[str,
     space can take validates in the stage's config model; errors name the field."""
     from pydantic import ValidationError
 
-    section = deep_merge(base, nested(cfg.trial)) if cfg.trial else dict(base)
+    # A trial runs in one process: check the section the way a trial will see it.
+    section = deep_merge(deep_merge(base, {"scaling": {"num_workers": 1}}), nested(cfg.trial))
     try:
         stage_model.model_validate(section)
     except ValidationError as e:

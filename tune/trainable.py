@@ -1,9 +1,12 @@
-"""A Tune trial = the `pretrain` stage's own per-worker loop (`jobs.train_loop.run_training`)
-in one process, with the sampled fields set in the stage's config.
+"""A Tune trial = a training stage's own code in one process, with the sampled fields set in
+the stage's config.
 
-Every evaluation is reported to Tune with a checkpoint (ASHA stops on it, PBT exploits it,
-a restored search resumes from it), so the trial config sets checkpoint_every = report_every
-= eval_every."""
+`pretrain`: the per-worker loop (`jobs.train_loop.run_training`); every evaluation is
+reported to Tune with a checkpoint (ASHA stops on it, PBT exploits it, a restored search
+resumes from it), so the trial config sets checkpoint_every = report_every = eval_every.
+`sft`, `reward`, `dpo`, `grpo`: the stage's TRL trainer (`jobs.trl_worker.build_trainer`);
+every log that carries the metric (eval logs at `eval_every`, GRPO's training reward) is
+reported; an unfinished TRL trial of a restored search starts again from step 0."""
 
 from __future__ import annotations
 
@@ -58,3 +61,22 @@ def pretrain_trial(sampled: dict[str, Any], *, section: dict[str, Any], index: d
     cfg = PretrainConfig.model_validate(trial_section(section, sampled))
     out = Path(ray.tune.get_context().get_trial_dir()) / "work"
     run_training(cfg, plan_run(cfg, index), TuneEnv(index, cfg.micro_batch, out))
+
+
+def trl_trial(sampled: dict[str, Any], *, kind: str, section: dict[str, Any], paths: dict[str, str], metric: str) -> None:
+    """The function Tune runs per trial of a TRL stage."""
+    import ray.tune
+    from transformers import TrainerCallback
+
+    from jobs.trl_worker import CONFIGS, build_trainer
+
+    cfg = CONFIGS[kind].model_validate(deep_merge(deep_merge(section, nested(sampled)), {"scaling": {"num_workers": 1}}))
+
+    class ReportToTune(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and metric in logs:
+                numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+                ray.tune.report({**numbers, "step": state.global_step})
+
+    work = Path(ray.tune.get_context().get_trial_dir()) / "trainer"
+    build_trainer(kind, cfg, paths, str(work), [ReportToTune()]).train()
