@@ -180,11 +180,15 @@ def test_post_training_configs_are_checked_before_workers_start(post_run):
         build_recipe({"run": "x", "grpo": {"per_device_batch": 4, "num_generations": 3}})
     with pytest.raises(ConfigError, match="rule_rewards"):
         build_recipe({"run": "x", "grpo": {"rule_rewards": {"made_up": 1.0}}})
-    runs = post_run.parent
+    import shutil
+
+    runs = post_run.parent  # a run of its own: a failed stage of "post" would be wiped and lost
+    for stage in ("data", "tokenizer", "pretrain", "chat_data"):
+        shutil.copytree(post_run / stage, runs / "postcfg" / stage)
     with pytest.raises(UserError, match="max_length 4096 is longer than the base model's context of 128"):
-        run_stage(recipe(runs, "post", sft={**BASE["sft"], "max_length": 4096}), "sft")
+        run_stage(recipe(runs, "postcfg", sft={**BASE["sft"], "max_length": 4096}), "sft")
     with pytest.raises(UserError, match="is not a Hugging Face model folder"):
-        run_stage(recipe(runs, "post", dpo={**BASE["dpo"], "base": str(runs)}), "dpo")
+        run_stage(recipe(runs, "postcfg", dpo={**BASE["dpo"], "base": str(runs)}), "dpo")
 
 
 def test_the_gpu_deepspeed_config_is_accepted_by_transformers(post_run, tmp_path):
