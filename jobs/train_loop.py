@@ -209,22 +209,26 @@ class RayTrainEnv(TrainEnv):
         for batch in shard.iter_torch_batches(batch_size=self.micro_batch, drop_last=True, dtypes=torch.long):
             yield batch["input_ids"]
 
-    @contextlib.contextmanager
     def latest_checkpoint(self):
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-        else:
-            with checkpoint.as_directory() as d:
-                yield d
+        return checkpoint_dir(ray.train.get_checkpoint())
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+@contextlib.contextmanager
+def checkpoint_dir(checkpoint):
+    """A Ray (Train or Tune) checkpoint as a local directory for the block, or None."""
+    if checkpoint is None:
+        yield None
+    else:
+        with checkpoint.as_directory() as d:
+            yield d
 
 
 def ray_train_loop(loop_config: dict) -> None:

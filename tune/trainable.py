@@ -10,27 +10,20 @@ reported; an unfinished TRL trial of a restored search starts again from step 0.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
 from cluster.config import deep_merge, nested
-from jobs.train_loop import LocalEnv
+from jobs.train_loop import LocalEnv, checkpoint_dir
 
 
 class TuneEnv(LocalEnv):
     """LocalEnv whose reports and checkpoints go to Ray Tune."""
 
-    @contextlib.contextmanager
     def latest_checkpoint(self):
         from ray import tune
 
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            yield None
-        else:
-            with checkpoint.as_directory() as d:
-                yield d
+        return checkpoint_dir(tune.get_checkpoint())
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         from ray import tune
