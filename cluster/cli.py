@@ -97,6 +97,31 @@ def tune_command(config: Recipe, overrides: Overrides = None, address: RayAddres
     typer.echo(f"best config: {best}  (aero pipeline {config} --overlay {best})")
 
 
+@app.command("quantize")
+@user_errors
+def quantize_command(
+    model_dir: Annotated[Path, typer.Argument(help="A Hugging Face causal-LM folder.")],
+    calibration: Annotated[List[str], typer.Option(help="Calibration text: files, folders or globs (repeatable).")],
+    overrides: Annotated[Optional[List[str]], typer.Argument(help="Settings of the quantize stage, key.sub=value.")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run", help="Run name (default: quantize-<folder name>).")] = None,
+    runs_dir: Path = typer.Option(Path("runs"), help="Folder that holds run folders."),
+    address: RayAddress = None,
+) -> None:
+    """AWQ-quantize any model folder (plus the RTN baseline and the quality table), as a run of its own."""
+    from cluster.config import apply_overrides, build_recipe
+    from cluster.runner import run_stage
+    from jobs.quantize import quantize_recipe
+
+    settings = apply_overrides({"calibration": {"sources": list(calibration)}}, overrides or [])
+    recipe = build_recipe(quantize_recipe(model_dir, runs_dir, run_name, settings), source="aero quantize")
+    if address:
+        recipe.ray.address = address
+    manifest = run_stage(recipe, "quantize")
+    stage_dir = recipe.run_dir / "quantize"
+    typer.echo((stage_dir / "quant.md").read_text())
+    typer.echo(f"quantize: {manifest.status}; AWQ checkpoint {manifest.outputs['model'].path}; table {stage_dir / 'quant.json'}")
+
+
 @app.command()
 @user_errors
 def submit(

@@ -22,6 +22,8 @@ STAGE_TABLE: dict[str, str] = {
     "dpo": "jobs.posttrain:DPO",
     "grpo": "jobs.posttrain:GRPO",
     "eval": "jobs.evaluate:STAGE",
+    "sparsify": "jobs.sparsify:STAGE",
+    "quantize": "jobs.quantize:STAGE",
     "tune": "tune.search:STAGE",
 }
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 AERO = [sys.executable, "-m", "cluster.cli"]
@@ -75,3 +76,43 @@ def write_recipe(path: Path, *, run: str, runs_dir: Path, sources: list[str], ex
     lines += [f"    - '{s}'" for s in sources]
     path.write_text("\n".join(lines) + "\n" + LENIENT_QUALITY + extra)
     return path
+
+
+# The trained run that the post-training and compression tests share: every stage once.
+CALIBRATION = {"calib_sequences": 8, "eval_sequences": 8, "min_calib_tokens": 512}
+COMPRESS = {"model": "pretrain", "calibration": CALIBRATION, "gen_tokens": 8, "gen_prompts": 1, "cpus": 1}
+BASE = {
+    "data": {"sources": ["stdlib:docs", "stdlib:code/json/*.py"], "val_fraction": 0.25,
+             **yaml.safe_load("data:\n" + LENIENT_QUALITY)["data"]},
+    "tokenizer": {"vocab_size": 1024, "seq_len": 128},
+    "pretrain": {"steps": 40, "global_batch": 8, "micro_batch": 4, "warmup_steps": 4, "lr": 3e-3,
+                 "checkpoint_every": 40, "eval_every": 40, "scaling": {"num_workers": 2}},
+    "chat_data": {"max_answer_chars": 240, "pairs_per_document": 6},
+    "sft": {"steps": 24, "per_device_batch": 4, "lr": 1e-3, "checkpoint_every": 12},
+    "reward": {"steps": 40, "per_device_batch": 4, "lr": 1e-3, "checkpoint_every": 40},
+    "dpo": {"steps": 16, "per_device_batch": 4, "lr": 5e-4, "checkpoint_every": 16},
+    "grpo": {"steps": 4, "per_device_batch": 4, "num_generations": 4, "max_completion_length": 16,
+             "checkpoint_every": 4, "rule_rewards": {"no_repetition": 0.5}, "lora": {"enabled": True, "r": 4}},
+    "eval": {"records": 24, "prompts": 8, "max_new_tokens": 16, "ppl_sequences": 16},
+    "sparsify": COMPRESS,
+    "quantize": {**COMPRESS, "group_sizes": [128, 32]},
+}
+CHAIN = ["data", "tokenizer", "pretrain", "chat_data", "sft", "reward", "dpo", "grpo", "eval", "sparsify", "quantize"]
+
+
+def recipe(runs: Path, run: str = "post", **sections):
+    from cluster.config import build_recipe
+
+    return build_recipe({"run": run, "runs_dir": str(runs), "stages": CHAIN, **BASE, **sections})
+
+
+@pytest.fixture(scope="session")
+def post_run(ray_cluster, tmp_path_factory):
+    """The whole chain once per test session; the tests read what it wrote."""
+    from cluster.runner import run_stage
+
+    runs = tmp_path_factory.mktemp("post_runs")
+    r = recipe(runs)
+    for stage in CHAIN:
+        run_stage(r, stage)
+    return runs / "post"

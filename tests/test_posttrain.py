@@ -18,38 +18,7 @@ from cluster.config import build_recipe
 from cluster.errors import ConfigError, UserError
 from cluster.manifest import read_manifest
 from cluster.runner import run_stage
-from tests.conftest import LENIENT_QUALITY
-
-BASE = {
-    "data": {"sources": ["stdlib:docs", "stdlib:code/json/*.py"], "val_fraction": 0.25,
-             **yaml.safe_load("data:\n" + LENIENT_QUALITY)["data"]},
-    "tokenizer": {"vocab_size": 1024, "seq_len": 128},
-    "pretrain": {"steps": 40, "global_batch": 8, "micro_batch": 4, "warmup_steps": 4, "lr": 3e-3,
-                 "checkpoint_every": 40, "eval_every": 40, "scaling": {"num_workers": 2}},
-    "chat_data": {"max_answer_chars": 240, "pairs_per_document": 6},
-    "sft": {"steps": 24, "per_device_batch": 4, "lr": 1e-3, "checkpoint_every": 12},
-    "reward": {"steps": 40, "per_device_batch": 4, "lr": 1e-3, "checkpoint_every": 40},
-    "dpo": {"steps": 16, "per_device_batch": 4, "lr": 5e-4, "checkpoint_every": 16},
-    "grpo": {"steps": 4, "per_device_batch": 4, "num_generations": 4, "max_completion_length": 16,
-             "checkpoint_every": 4, "rule_rewards": {"no_repetition": 0.5}, "lora": {"enabled": True, "r": 4}},
-    "eval": {"records": 24, "prompts": 8, "max_new_tokens": 16, "ppl_sequences": 16},
-}
-CHAIN = ["data", "tokenizer", "pretrain", "chat_data", "sft", "reward", "dpo", "grpo", "eval"]
-
-
-def recipe(runs: Path, run: str = "post", **sections):
-    return build_recipe({"run": run, "runs_dir": str(runs), "stages": CHAIN, **BASE, **sections})
-
-
-@pytest.fixture(scope="module")
-def post_run(ray_cluster, tmp_path_factory):
-    """The whole post-training chain once; the tests below read what it wrote."""
-    runs = tmp_path_factory.mktemp("post_runs")
-    r = recipe(runs)
-    for stage in CHAIN:
-        run_stage(r, stage)
-    return runs / "post"
-
+from tests.conftest import BASE, recipe
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
