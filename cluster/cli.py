@@ -122,6 +122,51 @@ def quantize_command(
     typer.echo(f"quantize: {manifest.status}; AWQ checkpoint {manifest.outputs['model'].path}; table {stage_dir / 'quant.json'}")
 
 
+@app.command("serve")
+@user_errors
+def serve_command(
+    config: Recipe,
+    overrides: Overrides = None,
+    address: RayAddress = None,
+    overlay: Overlays = None,
+    status: bool = typer.Option(False, "--status", help="Print the Serve applications and their deployments."),
+    shutdown: bool = typer.Option(False, "--shutdown", help="Stop every Serve application on the cluster."),
+) -> None:
+    """Deploy the recipe's `serve` section on Ray Serve (stays in the foreground on an embedded Ray)."""
+    import os
+    import time
+
+    from cluster.ray_session import connect_ray
+    from cluster.runner import run_stage
+
+    recipe = _recipe(config, overrides or [], overlay or [], address)
+    if status or shutdown:
+        from ray import serve
+
+        connect_ray(recipe.ray)
+        if shutdown:
+            serve.shutdown()
+            typer.echo("serve: shut down")
+            return
+        for name, app_status in serve.status().applications.items():
+            typer.echo(f"{name}: {app_status.status}")
+            for dep, d in app_status.deployments.items():
+                typer.echo(f"  {dep}: {d.status} {dict(d.replica_states)}")
+        return
+    manifest = run_stage(recipe, "serve")
+    endpoint = json.loads(Path(manifest.outputs["endpoint"].path).read_text())
+    dashboard = connect_ray(recipe.ray)
+    typer.echo(f"serving {', '.join(endpoint['models'])}: {endpoint['openai_base_url']}  (dashboard {dashboard})")
+    typer.echo(f"Serve config for `serve deploy`: {manifest.outputs['serve_config'].path}")
+    if not (recipe.ray.address or os.environ.get("RAY_ADDRESS")):
+        typer.echo("embedded Ray: serving until Ctrl-C")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
 @app.command()
 @user_errors
 def submit(

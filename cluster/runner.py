@@ -48,7 +48,7 @@ def run_stage(recipe: Recipe, name: str, *, echo: Callable[[str], None] = _echo)
     print_ = fingerprint(name, config_json, inputs)
 
     previous = read_manifest(ctx.stage_dir)
-    if previous is not None and previous.fingerprint == print_ and previous.status == "finished":
+    if previous is not None and previous.fingerprint == print_ and previous.status == "finished" and not stage.always_run:
         echo(f"aero: {name}: finished earlier with the same config and inputs; skipped")
         return previous
     if previous is not None and previous.fingerprint != print_ and ctx.stage_dir.exists():

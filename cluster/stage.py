@@ -68,3 +68,5 @@ class Stage:
     needs: tuple[str, ...] = ()
     outside_inputs: Callable[[StageContext, Any], dict[str, str]] = _no_outside_inputs
     description: str = ""
+    # Run even when finished with the same inputs: its work is a running service, not a file.
+    always_run: bool = False

@@ -179,8 +179,13 @@ class Engine:
         while len(self.running) < self.max_batch and self.waiting:
             with self._wake:
                 seq = self.waiting.popleft()
-            if not seq.cancelled:
+            if seq.cancelled:
+                continue
+            try:
                 self._prefill(seq)
+            except Exception as exc:  # this request fails alone; the running batch is untouched
+                log.exception("prefill failed")
+                seq.emit({"type": "error", "message": f"generation failed: {exc}"})
         self._drop_finished()
         if not self.running:
             return

@@ -1,0 +1,115 @@
+"""Stage `serve` and `aero serve`: build the Ray Serve application from the recipe's `serve`
+section, deploy it, and write a `serve deploy`-able config file for production clusters."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.errors import UserError
+from cluster.manifest import atomic_write_text
+from cluster.stage import Stage, StageContext, StageResult
+from serve.serve_config import AuthConfig, ServeConfig
+
+
+def api_key_digests(auth: AuthConfig) -> list[str]:
+    """SHA-256 digests of the keys in `keys_env` and `keys_file`: the replicas never see a key."""
+    from serve.gateway import key_digest
+
+    if not auth.enabled:
+        return []
+    keys = [k for k in os.environ.get(auth.keys_env, "").split(",") if k.strip()]
+    if auth.keys_file:
+        path = Path(auth.keys_file).expanduser()
+        if not path.is_file():
+            raise UserError(f"serve.auth.keys_file: {path} does not exist")
+        keys += [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not keys:
+        raise UserError(f"serve.auth is on but no API keys were found: set {auth.keys_env}=key1,key2 or "
+                        f"serve.auth.keys_file (turn auth off only with serve.auth.enabled: false)")
+    return [key_digest(k) for k in keys]
+
+
+def build_app(cfg: ServeConfig, paths: dict[str, str], digests: list[str]):
+    """The Serve application: one LLMServer deployment per local model, the gateway in front."""
+    from ray import serve
+
+    from serve.gateway import Gateway
+    from serve.llm_server import LLMServer
+
+    def options(limits) -> dict[str, Any]:
+        a = limits.autoscaling
+        auto = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                "initial_replicas": a.initial_replicas, "target_ongoing_requests": a.target_ongoing_requests,
+                "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s}
+        return {"max_ongoing_requests": limits.max_ongoing_requests, "max_queued_requests": limits.max_queued_requests,
+                "autoscaling_config": auto, "health_check_period_s": 5, "health_check_timeout_s": 30,
+                "ray_actor_options": {"num_cpus": limits.num_cpus, "num_gpus": limits.num_gpus}}
+
+    handles = {}
+    for m in cfg.models:
+        if m.source:
+            deployment = serve.deployment(LLMServer, name=f"llm-{m.name}", **options(m.deployment))
+            handles[m.name] = deployment.bind(m.name, paths[m.name], m.max_batch)
+    ingress_options = options(cfg.ingress)
+    envs = {m.api_key_env: os.environ[m.api_key_env] for m in cfg.models if m.api_key_env and m.api_key_env in os.environ}
+    if envs:  # upstream keys reach the gateway replicas as environment variables
+        ingress_options["ray_actor_options"]["runtime_env"] = {"env_vars": envs}
+    gateway = serve.deployment(Gateway, name="gateway", **ingress_options)
+    return gateway.bind(cfg.model_dump(mode="json"), handles, digests)
+
+
+def app_builder(args: dict[str, Any]):
+    """`serve deploy serve_config.yaml` entry point (keys read from the cluster's environment)."""
+    cfg = ServeConfig.model_validate(args["config"])
+    return build_app(cfg, args["paths"], api_key_digests(cfg.auth))
+
+
+def model_paths(ctx: StageContext, cfg: ServeConfig) -> dict[str, str]:
+    from jobs.posttrain import model_dir
+
+    return {m.name: str(model_dir(ctx, m.source).resolve()) for m in cfg.models if m.source}
+
+
+def deploy(cfg: ServeConfig, paths: dict[str, str]) -> str:
+    """Deploy (or update) the app on the connected Ray; returns the base URL."""
+    from ray import serve
+
+    digests = api_key_digests(cfg.auth)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg, paths, digests), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def serve_deploy_config(cfg: ServeConfig, paths: dict[str, str]) -> dict[str, Any]:
+    return {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": cfg.port},
+            "applications": [{"name": cfg.app_name, "route_prefix": cfg.route_prefix,
+                              "import_path": "serve.app:app_builder",
+                              "args": {"config": cfg.model_dump(mode="json"), "paths": paths}}]}
+
+
+def run(ctx: StageContext, cfg: ServeConfig) -> StageResult:
+    paths = model_paths(ctx, cfg)
+    url = deploy(cfg, paths)
+    atomic_write_text(ctx.stage_dir / "serve_config.yaml", yaml.safe_dump(serve_deploy_config(cfg, paths), sort_keys=False))
+    endpoint = {"url": url, "openai_base_url": f"{url}/v1", "models": [m.name for m in cfg.models], "paths": paths}
+    atomic_write_text(ctx.stage_dir / "endpoint.json", json.dumps(endpoint, indent=2) + "\n")
+    print(f"aero: serving {', '.join(endpoint['models'])} at {url}/v1 (OpenAI-compatible)")
+    return StageResult(outputs={"endpoint": ctx.stage_dir / "endpoint.json",
+                                "serve_config": ctx.stage_dir / "serve_config.yaml"})
+
+
+def _inputs(ctx: StageContext, cfg: ServeConfig) -> dict[str, str]:
+    from jobs.posttrain import _is_folder
+
+    return {f"stage:{m.source}": ctx.upstream(m.source).output_id for m in cfg.models
+            if m.source and not _is_folder(m.source)}
+
+
+STAGE = Stage(name="serve", config_model=ServeConfig, run=run, outside_inputs=_inputs, always_run=True,
+              description="Ray Serve: OpenAI-compatible gateway over the recipe's models")

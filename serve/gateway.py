@@ -1,0 +1,346 @@
+"""The OpenAI-compatible ingress (FastAPI under `@serve.ingress`): auth, routing by `model`,
+admission limits, errors in OpenAI's shape, streaming over SSE.
+
+Local models are reached through their `LLMServer` deployment handles (streaming through the
+handle); remote upstreams (any OpenAI-compatible server) through httpx, so one gateway fronts
+both with the same keys and limits. API keys reach the replicas only as SHA-256 digests.
+"""
+
+
+import asyncio
+import collections
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from serve.openai_api import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+    new_id,
+    now,
+    sse,
+    usage,
+)
+from serve.serve_config import ModelSpec, ServeConfig
+
+log = logging.getLogger(__name__)
+app = FastAPI(title="AeroLLMs gateway", version="1")
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.strip().encode()).hexdigest()
+
+
+@app.exception_handler(APIError)
+async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", []) if p != "body"]
+    message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        message, param = f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
+    return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+
+
+@serve.ingress(app)
+class Gateway:
+    def __init__(self, config: dict[str, Any], handles: dict[str, Any], key_digests: list[str]):
+        import httpx
+
+        from serve.metrics import ServeMetrics
+
+        self.cfg = ServeConfig.model_validate(config)
+        self.specs: dict[str, ModelSpec] = {m.name: m for m in self.cfg.models}
+        self.handles = handles
+        self.digests = [bytes.fromhex(d) for d in key_digests]
+        if self.cfg.auth.enabled and not self.digests:
+            raise RuntimeError("auth is on but no API keys were given")
+        self.inflight: collections.Counter[str] = collections.Counter()
+        self.metrics = ServeMetrics()
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(self.cfg.request_timeout_s, connect=10))
+
+    # ---- plumbing ----
+    def _auth(self, request: Request) -> None:
+        if not self.cfg.auth.enabled:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        presented = hashlib.sha256(key.strip().encode()).digest()
+        ok = False
+        for d in self.digests:  # every digest is compared: the time does not depend on which key matched
+            ok |= hmac.compare_digest(presented, d)
+        if scheme.lower() != "bearer" or not key or not ok:
+            raise APIError(401, "Incorrect API key provided (send: Authorization: Bearer <key>)",
+                           type="authentication_error", code="invalid_api_key")
+
+    def _spec(self, name: str) -> ModelSpec:
+        if name not in self.specs:
+            raise APIError(404, f"The model `{name}` does not exist (available: {', '.join(self.specs)})",
+                           param="model", code="model_not_found")
+        return self.specs[name]
+
+    def _admit(self, spec: ModelSpec) -> None:
+        if self.inflight[spec.name] >= spec.max_concurrent:
+            self.metrics.rejections.inc(tags={"model": spec.name, "reason": "max_concurrent"})
+            raise APIError(429, f"model {spec.name} is at its limit of {spec.max_concurrent} concurrent requests; retry",
+                           type="rate_limit_error", code="overloaded",
+                           headers={"Retry-After": str(self.cfg.retry_after_s)})
+        self.inflight[spec.name] += 1
+
+    def _release(self, spec: ModelSpec, status: int) -> None:
+        self.inflight[spec.name] -= 1
+        self.metrics.requests.inc(tags={"model": spec.name, "status": str(status)})
+
+    def _check_size(self, request: Request) -> None:
+        size = int(request.headers.get("content-length") or 0)
+        if size > self.cfg.max_request_bytes:
+            raise APIError(413, f"request body of {size} bytes is over the limit of {self.cfg.max_request_bytes}")
+
+    # ---- routes ----
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "aerollms" if m.source else "upstream"}
+            for m in self.cfg.models]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, body: ChatRequest, request: Request):
+        self._auth(request)
+        self._check_size(request)
+        spec = self._spec(body.model)
+        if spec.upstream:
+            return await self._remote(spec, "/chat/completions", await request.json(), body.stream)
+        try:
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens or spec.default_max_tokens
+        req = {"kind": "chat", "messages": messages, "n": body.n, "params": self._params(
+            body, max_tokens, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)}
+        return await self._local(spec, req, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._auth(request)
+        self._check_size(request)
+        spec = self._spec(body.model)
+        if spec.upstream:
+            return await self._remote(spec, "/completions", await request.json(), body.stream)
+        max_tokens = body.max_tokens or spec.default_max_tokens
+        req = {"kind": "completion", "prompt": body.prompt, "n": body.n, "params": self._params(
+            body, max_tokens, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, echo=body.echo)}
+        return await self._local(spec, req, body, chat=False)
+
+    @staticmethod
+    def _params(body, max_tokens: int, **extra) -> dict[str, Any]:
+        return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
+                "stop": body.stop or [], **extra}
+
+    # ---- local models ----
+    async def _local(self, spec: ModelSpec, req: dict[str, Any], body, *, chat: bool):
+        self._admit(spec)
+        started = time.monotonic()
+        stream = self.handles[spec.name].options(stream=True).generate.remote(req)
+        try:
+            first = await asyncio.wait_for(stream.__anext__(), timeout=self.cfg.request_timeout_s)
+        except BaseException as exc:
+            log.warning("aero: %s: no first event: %r", spec.name, exc)
+            stream.cancel()
+            self._release(spec, 503)
+            raise self._overload(spec, exc) from None
+        if first["type"] == "error":
+            self._release(spec, first.get("status", 500))
+            raise APIError(first.get("status", 500), first["message"], param=first.get("param"), code=first.get("code"))
+        self.metrics.ttft.observe(time.monotonic() - started, tags={"model": spec.name})
+        events = self._events(first, stream)
+        rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+        if body.stream:
+            return StreamingResponse(self._sse(spec, events, stream, body, rid, created, chat, started),
+                                     media_type="text/event-stream")
+        try:
+            result = await asyncio.wait_for(self._collect(events, body, rid, created, chat), self.cfg.request_timeout_s)
+        except asyncio.TimeoutError:
+            stream.cancel()
+            self._release(spec, 504)
+            raise APIError(504, f"generation took longer than {self.cfg.request_timeout_s}s", type="timeout") from None
+        except APIError as exc:
+            self._release(spec, exc.status)
+            raise
+        self._release(spec, 200)
+        tokens = result["usage"]["completion_tokens"]
+        self.metrics.tokens_per_s.observe(tokens / max(time.monotonic() - started, 1e-6), tags={"model": spec.name})
+        return result
+
+    def _overload(self, spec: ModelSpec, exc: BaseException) -> APIError:
+        """Ray Serve refused the request (queue full) or the replica is gone: 503 + Retry-After."""
+        from ray.serve.exceptions import BackPressureError
+
+        kind = "backpressure" if isinstance(exc, BackPressureError) else type(exc).__name__
+        self.metrics.rejections.inc(tags={"model": spec.name, "reason": kind})
+        return APIError(503, f"model {spec.name} is overloaded or unavailable ({kind}); retry", type="overloaded",
+                        code="overloaded", headers={"Retry-After": str(self.cfg.retry_after_s)})
+
+    @staticmethod
+    async def _events(first: dict, stream) -> AsyncIterator[dict]:
+        yield first
+        async for event in stream:
+            yield event
+
+    async def _collect(self, events, body, rid: str, created: int, chat: bool) -> dict[str, Any]:
+        texts: dict[int, list[str]] = collections.defaultdict(list)
+        tokens: dict[int, list[dict]] = collections.defaultdict(list)
+        done: dict[int, dict] = {}
+        async for e in events:
+            if e["type"] == "error":
+                raise APIError(e.get("status", 500), e["message"], type="server_error")
+            if e["type"] == "delta":
+                texts[e["index"]].append(e["text"])
+                tokens[e["index"]] += e["tokens"]
+            else:
+                done[e["index"]] = e
+        choices = []
+        for i in range(body.n):
+            text, d = "".join(texts[i]), done[i]
+            if chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": text},
+                          "finish_reason": d["finish_reason"],
+                          "logprobs": chat_logprobs(tokens[i]) if body.logprobs else None}
+            else:
+                logprobs = None
+                if body.logprobs is not None:
+                    gen = completion_logprobs(tokens[i], offset=len(body.prompt) if body.echo else 0)
+                    if body.echo:
+                        prompt = completion_logprobs([{**p, "top": []} for p in d["prompt_logprobs"]])
+                        logprobs = {k: prompt[k] + gen[k] for k in gen}
+                    else:
+                        logprobs = gen
+                choice = {"index": i, "text": (body.prompt if body.echo else "") + text,
+                          "finish_reason": d["finish_reason"], "logprobs": logprobs}
+            choices.append(choice)
+        prompt_tokens = done[0]["prompt_tokens"]
+        completion_tokens = sum(d["completion_tokens"] for d in done.values())
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": body.model, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+    async def _sse(self, spec: ModelSpec, events, stream, body, rid: str, created: int, chat: bool,
+                   started: float) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        status, completion_tokens, prompt_tokens = 200, 0, 0
+
+        def chunk(index: int, **fields) -> dict[str, Any]:
+            if chat:
+                delta = {k: v for k, v in fields.items() if k in ("role", "content")}
+                choice = {"index": index, "delta": delta, "finish_reason": fields.get("finish_reason"),
+                          "logprobs": fields.get("logprobs")}
+            else:
+                choice = {"index": index, "text": fields.get("content", ""), "finish_reason": fields.get("finish_reason"),
+                          "logprobs": fields.get("logprobs")}
+            return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [choice]}
+
+        try:
+            if chat:
+                for i in range(body.n):
+                    yield sse(chunk(i, role="assistant", content=""))
+            elif body.echo:
+                for i in range(body.n):
+                    yield sse(chunk(i, content=body.prompt))
+            async with asyncio.timeout(self.cfg.request_timeout_s):
+                async for e in events:
+                    if e["type"] == "error":
+                        status = e.get("status", 500)
+                        yield sse(APIError(status, e["message"], type="server_error").body())
+                        break
+                    if e["type"] == "delta":
+                        lp = None
+                        if e["tokens"]:
+                            lp = chat_logprobs(e["tokens"]) if chat else completion_logprobs(e["tokens"])
+                        if e["text"] or lp:
+                            yield sse(chunk(e["index"], content=e["text"], logprobs=lp))
+                    else:
+                        completion_tokens += e["completion_tokens"]
+                        prompt_tokens = e["prompt_tokens"]
+                        yield sse(chunk(e["index"], finish_reason=e["finish_reason"]))
+            if body.include_usage():
+                yield sse({"id": rid, "object": obj, "created": created, "model": body.model, "choices": [],
+                           "usage": usage(prompt_tokens, completion_tokens)})
+            yield sse("[DONE]")
+        except TimeoutError:
+            status = 504
+            yield sse(APIError(504, f"generation took longer than {self.cfg.request_timeout_s}s", type="timeout").body())
+        finally:
+            stream.cancel()  # the client left or the stream ended: free the sequences in the engine
+            self._release(spec, status)
+            if completion_tokens:
+                self.metrics.tokens_per_s.observe(completion_tokens / max(time.monotonic() - started, 1e-6),
+                                                  tags={"model": spec.name})
+
+    # ---- remote upstreams ----
+    async def _remote(self, spec: ModelSpec, path: str, payload: dict[str, Any], stream: bool):
+        import httpx
+
+        self._admit(spec)
+        url = spec.upstream.rstrip("/") + path
+        key = os.environ.get(spec.api_key_env or "", "")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        payload = {**payload, "model": spec.upstream_model or spec.name}
+        try:
+            request = self.http.build_request("POST", url, json=payload, headers=headers)
+            response = await self.http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            self._release(spec, 502)
+            raise APIError(502, f"upstream {spec.upstream} failed: {type(exc).__name__}", type="upstream_error") from None
+        if response.status_code >= 400:
+            raw = await response.aread()
+            await response.aclose()
+            self._release(spec, response.status_code)
+            try:
+                err = json.loads(raw)["error"]
+                raise APIError(response.status_code, f"upstream: {err.get('message')}", type=err.get("type") or "upstream_error",
+                               param=err.get("param"), code=err.get("code"))
+            except (ValueError, KeyError, TypeError):
+                raise APIError(502, f"upstream answered {response.status_code}", type="upstream_error") from None
+        if not stream:
+            try:
+                data = json.loads(await response.aread())
+            finally:
+                await response.aclose()
+                self._release(spec, 200)
+            return {**data, "model": spec.name}
+
+        async def relay() -> AsyncIterator[str]:
+            try:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        chunk = json.loads(line[6:])
+                        if "model" in chunk:
+                            chunk["model"] = spec.name
+                        yield sse(chunk)
+                    elif line == "data: [DONE]":
+                        yield sse("[DONE]")
+            finally:
+                await response.aclose()
+                self._release(spec, 200)
+
+        return StreamingResponse(relay(), media_type="text/event-stream")

@@ -1,0 +1,106 @@
+"""The LLM deployment: one model (fp or AWQ folder) per replica, driven by the batching engine.
+
+The ingress reaches it through a `DeploymentHandle` and streams its events. Tokenizing with
+the model's own chat template happens here, so the template that training used is the one
+serving uses. A client that goes away cancels its sequences at the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+log = logging.getLogger(__name__)
+
+
+def _token_str(tokenizer, token_id: int) -> str:
+    return tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(int(token_id))])
+
+
+class LLMServer:
+    def __init__(self, name: str, path: str, max_batch: int = 16):
+        from transformers import AutoTokenizer
+
+        from jobs.awq_loader import awq_settings, load_causal_lm
+        from serve.engine import Engine
+        from serve.metrics import ServeMetrics
+
+        self.name, self.path = name, path
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = load_causal_lm(path)
+        self.quantization = (awq_settings(Path(path)) or {}).get("quant_method")
+        end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        stop_ids = {end_of_turn} if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id else set()
+        self.engine = Engine(self.model, self.tokenizer, max_batch=max_batch, stop_token_ids=stop_ids)
+        self.engine.start()
+        self.metrics = ServeMetrics()
+        log.warning("aero: serving %s from %s (%s)", name, path, self.quantization or "fp")
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "context": self.engine.context, "quantization": self.quantization}
+
+    def check_health(self) -> None:
+        if not self.engine.alive():
+            raise RuntimeError("the generation engine thread is not running")
+
+    def _prompt_ids(self, req: dict[str, Any]) -> list[int]:
+        if req["kind"] == "chat":
+            return list(self.tokenizer.apply_chat_template(req["messages"], add_generation_prompt=True,
+                                                           tokenize=True, return_dict=True)["input_ids"])
+        return list(self.tokenizer(req["prompt"])["input_ids"])
+
+    def _resolve(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Token ids -> token strings, so the ingress needs no tokenizer."""
+        tok = self.tokenizer
+        if event.get("tokens"):
+            event["tokens"] = [{"token": _token_str(tok, t["id"]), "logprob": t["logprob"],
+                                "top": [[_token_str(tok, i), lp] for i, lp in t["top"]]} for t in event["tokens"]]
+        if event.get("prompt_logprobs") is not None:
+            event["prompt_logprobs"] = [{"token": _token_str(tok, i), "logprob": lp}
+                                        for i, lp in zip(event.pop("prompt_ids"), event["prompt_logprobs"])]
+        return event
+
+    async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Events for one request with n choices: delta/done per choice, or one error."""
+        from serve.engine import SamplingParams, Sequence
+
+        try:
+            ids = self._prompt_ids(req)
+        except Exception as exc:  # a template that rejects the messages (e.g. role order)
+            yield {"type": "error", "status": 400, "message": f"could not build the prompt: {exc}", "param": "messages"}
+            return
+        params = req["params"]
+        context = self.engine.context
+        if not ids:
+            yield {"type": "error", "status": 400, "message": "the prompt is empty", "param": "prompt"}
+            return
+        if len(ids) + params["max_tokens"] > context:
+            yield {"type": "error", "status": 400, "param": "max_tokens", "code": "context_length_exceeded",
+                   "message": f"This model's maximum context length is {context} tokens; the prompt has {len(ids)} "
+                              f"tokens and max_tokens is {params['max_tokens']} ({len(ids) + params['max_tokens']} in all)."}
+            return
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        seqs = []
+        for i in range(req.get("n", 1)):
+            seed = None if params.get("seed") is None else params["seed"] + i
+            sp = SamplingParams(**{**params, "seed": seed})
+            emit = (lambda e, i=i: loop.call_soon_threadsafe(events.put_nowait, {**e, "index": i}))
+            seqs.append(self.engine.submit(Sequence(prompt_ids=ids, params=sp, emit=emit)))
+        self.metrics.queue.set(self.engine.queue_length() + len(self.engine.running), tags={"model": self.name})
+        remaining = len(seqs)
+        try:
+            while remaining:
+                event = await events.get()
+                if event["type"] != "delta":
+                    remaining -= 1
+                    if event["type"] == "done":
+                        self.metrics.tokens.inc(event["completion_tokens"], tags={"model": self.name})
+                        if event.get("prompt_logprobs") is not None:
+                            event["prompt_ids"] = ids
+                yield self._resolve(event)
+        finally:
+            for s in seqs:
+                s.cancelled = True  # no-op for finished ones; frees the slot of a disconnected client

@@ -1,0 +1,87 @@
+"""The `serve` section of a recipe: which models, their Ray Serve deployments, limits and auth."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, model_validator
+
+from cluster.config import StrictModel
+
+
+class Autoscaling(StrictModel):
+    """Ray Serve's `autoscaling_config` for one deployment."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=8, gt=0)
+    upscale_delay_s: float = Field(default=5, ge=0)
+    downscale_delay_s: float = Field(default=60, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class DeploymentLimits(StrictModel):
+    """Admission limits of one deployment's replicas (Ray Serve refuses beyond them)."""
+
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    max_queued_requests: int = Field(default=32, ge=-1, description="-1 = unbounded (not advised)")
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+
+
+class ModelSpec(StrictModel):
+    """A model the gateway serves: a local folder / stage (fp or AWQ), or a remote upstream."""
+
+    name: str = Field(description="the `model` field clients send")
+    source: str | None = Field(default=None, description="stage name (its `model` output) or a model folder")
+    upstream: str | None = Field(default=None, description="base URL of an OpenAI-compatible server, e.g. https://host/v1")
+    upstream_model: str | None = Field(default=None, description="model name at the upstream (default: name)")
+    api_key_env: str | None = Field(default=None, description="env var holding the upstream's API key")
+    max_batch: int = Field(default=16, ge=1, description="sequences decoded together per step")
+    max_concurrent: int = Field(default=64, ge=1, description="requests in flight per gateway replica; more get 429")
+    default_max_tokens: int = Field(default=128, ge=1)
+    deployment: DeploymentLimits = Field(default_factory=DeploymentLimits)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ModelSpec":
+        if (self.source is None) == (self.upstream is None):
+            raise ValueError(f"model {self.name!r}: set exactly one of `source` (a local model) or `upstream` (a URL)")
+        if self.upstream is not None and not re.match(r"^https?://", self.upstream):
+            raise ValueError(f"model {self.name!r}: upstream must be an http(s) URL, got {self.upstream!r}")
+        return self
+
+
+class AuthConfig(StrictModel):
+    """Bearer API keys. Off only when `enabled: false` is written in the recipe."""
+
+    enabled: bool = True
+    keys_env: str = Field(default="AERO_API_KEYS", description="env var with comma-separated keys")
+    keys_file: str | None = Field(default=None, description="file with one key per line")
+
+
+class ServeConfig(StrictModel):
+    models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(name="aero", source="quantize")], min_length=1)
+    app_name: str = "aero"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    ingress: DeploymentLimits = Field(default_factory=lambda: DeploymentLimits(
+        max_ongoing_requests=128, max_queued_requests=64, num_cpus=0.5))
+    request_timeout_s: float = Field(default=120, gt=0, description="a request running longer is ended with 504")
+    max_request_bytes: int = Field(default=1_000_000, ge=1024, description="larger bodies get 413 before parsing")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429/503")
+
+    @model_validator(mode="after")
+    def _unique(self) -> "ServeConfig":
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names repeat: {names}")
+        return self
