@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SamplingParams:
     max_tokens: int = 64
+    min_tokens: int = 0  # end-of-sequence tokens are masked until this many were generated
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -129,6 +130,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.cancelled = 0  # sequences dropped before their end (client gone)
         torch.set_grad_enabled(False)
 
     # ---- public, thread-safe ----
@@ -223,6 +225,9 @@ class Engine:
         import torch
 
         p = seq.params
+        if len(seq.generated) < p.min_tokens and self.stop_ids:
+            logits = logits.clone()
+            logits[list(self.stop_ids)] = float("-inf")
         if p.temperature <= 0:
             token = int(torch.argmax(logits))
         else:
@@ -274,6 +279,7 @@ class Engine:
         keep = [i for i, s in enumerate(self.running) if not s.cancelled and s.finish is None]
         if len(keep) == len(self.running):
             return
+        self.cancelled += sum(1 for s in self.running if s.cancelled and s.finish is None)
         self.running = [self.running[i] for i in keep]
         self.kv.keep(keep)
         self.positions = self.positions[keep] if keep else None

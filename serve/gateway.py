@@ -155,8 +155,8 @@ class Gateway:
 
     @staticmethod
     def _params(body, max_tokens: int, **extra) -> dict[str, Any]:
-        return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
-                "stop": body.stop or [], **extra}
+        return {"max_tokens": max_tokens, "min_tokens": min(body.min_tokens, max_tokens), "temperature": body.temperature,
+                "top_p": body.top_p, "seed": body.seed, "stop": body.stop or [], **extra}
 
     # ---- local models ----
     async def _local(self, spec: ModelSpec, req: dict[str, Any], body, *, chat: bool):

@@ -39,7 +39,9 @@ class LLMServer:
         log.warning("aero: serving %s from %s (%s)", name, path, self.quantization or "fp")
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "context": self.engine.context, "quantization": self.quantization}
+        e = self.engine
+        return {"name": self.name, "path": self.path, "context": e.context, "quantization": self.quantization,
+                "running": len(e.running), "waiting": e.queue_length(), "steps": e.steps, "cancelled": e.cancelled}
 
     def check_health(self) -> None:
         if not self.engine.alive():

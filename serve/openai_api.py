@@ -36,6 +36,7 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    min_tokens: int = Field(default=0, ge=0, description="vLLM's extension: no end of sequence before this many tokens")
 
     @field_validator("stop")
     @classmethod

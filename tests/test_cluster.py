@@ -3,13 +3,12 @@ cluster-launcher file passes Ray's own validation."""
 
 from __future__ import annotations
 
-
 import pytest
 import yaml
 
 from cluster.errors import ConfigError
-from cluster.manifest import read_manifest
 from cluster.launcher import validate_cluster_file
+from cluster.manifest import read_manifest
 from tests.conftest import REPO, aero
 
 

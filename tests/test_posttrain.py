@@ -20,6 +20,7 @@ from cluster.manifest import read_manifest
 from cluster.runner import run_stage
 from tests.conftest import BASE, recipe
 
+
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -58,7 +59,11 @@ def test_the_chat_template_round_trips_and_every_model_carries_it(post_run):
 @pytest.mark.slow
 def test_every_trainer_exports_a_loadable_model(post_run):
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     for stage in ("sft", "dpo", "grpo"):
         manifest = read_manifest(post_run / stage)

@@ -1,0 +1,332 @@
+"""Serving on a real Ray Serve (the session's local Ray), driven over real HTTP with the official
+`openai` client: the OpenAI API, streaming, AWQ, a remote upstream, errors, overload, cancel,
+and a schemathesis fuzz of the OpenAPI schema. The engine is also checked alone, without Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from cluster.errors import ConfigError
+from tests.conftest import free_port, recipe
+
+KEY, UPSTREAM_KEY = "test-key-1", "upstream-key"
+LIGHT = {"num_cpus": 0, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+
+
+@pytest.fixture(scope="module")
+def gateway(post_run, tmp_path_factory):
+    """The `serve` stage of the trained run, plus a second app that plays a remote upstream."""
+    from ray import serve
+
+    from cluster.runner import run_stage
+    from serve.app import build_app
+    from serve.gateway import key_digest
+    from serve.serve_config import ServeConfig
+
+    port = free_port()
+    os.environ["AERO_API_KEYS"] = f"{KEY},other-key"
+    os.environ["AERO_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
+    base = f"http://127.0.0.1:{port}"
+    section = {
+        "port": port, "ingress": {**LIGHT, "max_ongoing_requests": 64, "max_queued_requests": 64},
+        "models": [
+            {"name": "sft", "source": "sft", "deployment": LIGHT},
+            {"name": "awq", "source": "quantize", "deployment": LIGHT},
+            {"name": "tight", "source": "sft", "max_batch": 1, "max_concurrent": 6,
+             "deployment": {**LIGHT, "max_ongoing_requests": 1, "max_queued_requests": 1}},
+            {"name": "remote", "upstream": f"{base}/upstream/v1", "upstream_model": "up-sft",
+             "api_key_env": "AERO_TEST_UPSTREAM_KEY"},
+        ],
+    }
+    manifest = run_stage(recipe(post_run.parent, "post", serve=section), "serve")
+    upstream = ServeConfig.model_validate({"app_name": "upstream", "port": port, "route_prefix": "/upstream",
+                                           "ingress": LIGHT, "models": [{"name": "up-sft", "source": "x", "deployment": LIGHT}]})
+    serve.run(build_app(upstream, {"up-sft": str(post_run / "sft" / "model")}, [key_digest(UPSTREAM_KEY)]),
+              name="upstream", route_prefix="/upstream", blocking=False)
+    _wait_ready(base)
+    yield {"base": base, "manifest": manifest, "stage": post_run / "serve"}
+    serve.shutdown()
+
+
+def _wait_ready(base: str, timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ok = httpx.post(f"{base}/upstream/v1/completions", json={"model": "up-sft", "prompt": "a", "max_tokens": 1},
+                            headers={"Authorization": f"Bearer {UPSTREAM_KEY}"}, timeout=10).status_code == 200
+            if ok and httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError("the Serve apps did not come up")
+
+
+def _client(gateway, key: str = KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{gateway['base']}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+MESSAGES = [{"role": "system", "content": "You answer questions about Python."},
+            {"role": "user", "content": "Explain the list type."}]
+
+
+@pytest.mark.slow
+def test_models_chat_and_streaming_equal_at_temperature_zero(gateway):
+    client = _client(gateway)
+    assert [m.id for m in client.models.list()] == ["sft", "awq", "tight", "remote"]
+    full = client.chat.completions.create(model="sft", messages=MESSAGES, max_tokens=24, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    choice = full.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    u = full.usage
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens and 0 < u.completion_tokens <= 24
+    assert len(choice.logprobs.content) == u.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in choice.logprobs.content)
+    assert choice.finish_reason in ("stop", "length")
+
+    text, usage, finish = "", None, None
+    for chunk in client.chat.completions.create(model="sft", messages=MESSAGES, max_tokens=24, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert text == choice.message.content and finish == choice.finish_reason
+    assert usage.completion_tokens == u.completion_tokens and usage.prompt_tokens == u.prompt_tokens
+
+    two = client.chat.completions.create(model="sft", messages=MESSAGES, max_completion_tokens=16, temperature=1.0,
+                                         seed=7, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    again = client.chat.completions.create(model="sft", messages=MESSAGES, max_completion_tokens=16, temperature=1.0,
+                                           seed=7, n=2)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in two.choices]  # seeded
+    assert 2 <= two.usage.completion_tokens <= 32
+
+
+@pytest.mark.slow
+def test_completions_stop_strings_echo_and_prompt_logprobs(gateway):
+    client = _client(gateway)
+    prompt = "The list type is"
+    free = client.completions.create(model="sft", prompt=prompt, max_tokens=24, temperature=0)
+    text = free.choices[0].text
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = " " + words[2]
+    cut = client.completions.create(model="sft", prompt=prompt, max_tokens=24, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+    echoed = client.completions.create(model="sft", prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=1)
+    lp = echoed.choices[0].logprobs
+    assert echoed.choices[0].text.startswith(prompt)
+    n_prompt = echoed.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + echoed.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens[:n_prompt]) == prompt
+
+
+@pytest.mark.slow
+def test_an_awq_checkpoint_and_a_remote_upstream_serve(gateway):
+    client = _client(gateway)
+    awq = client.chat.completions.create(model="awq", messages=MESSAGES, max_tokens=12, temperature=0)
+    assert awq.choices[0].message.content and awq.model == "awq"
+    local = client.chat.completions.create(model="sft", messages=MESSAGES, max_tokens=12, temperature=0)
+    remote = client.chat.completions.create(model="remote", messages=MESSAGES, max_tokens=12, temperature=0)
+    assert remote.model == "remote" and remote.choices[0].message.content == local.choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="remote", messages=MESSAGES, max_tokens=12, temperature=0, stream=True) if c.choices)
+    assert streamed == local.choices[0].message.content
+
+
+@pytest.mark.slow
+def test_errors_come_in_openai_shape_with_the_right_status(gateway):
+    import httpx
+    import openai
+
+    client = _client(gateway)
+    with pytest.raises(openai.AuthenticationError):
+        _client(gateway, key="wrong").models.list()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-nope", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError, match=r"maximum context length is \d+ tokens; the prompt has \d+ tokens and max_tokens is 5000"):
+        client.chat.completions.create(model="sft", messages=MESSAGES, max_tokens=5000)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="sft", messages=[])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="sft", messages=MESSAGES, temperature=7)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    url = f"{gateway['base']}/v1/chat/completions"
+    broken = httpx.post(url, content=b'{"model": "sft", "messages": [', headers=headers)
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
+    huge = httpx.post(url, json={"model": "sft", "messages": [{"role": "user", "content": "x" * 1_100_000}]},
+                      headers=headers, timeout=60)
+    assert huge.status_code == 413 and huge.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{gateway['base']}/health").json() == {"status": "ok"}  # open without a key
+
+
+@pytest.mark.slow
+def test_overload_is_refused_fast_and_every_accepted_request_completes(gateway):
+    import httpx
+
+    url = f"{gateway['base']}/v1/completions"
+    body = {"model": "tight", "prompt": "The dict type", "max_tokens": 48, "temperature": 0}
+
+    def call(_):
+        r = httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+        return r.status_code, r.json(), r.headers.get("retry-after")
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(call, range(10)))
+    statuses = sorted(s for s, _, _ in results)
+    assert set(statuses) <= {200, 429, 503}, statuses
+    assert statuses.count(200) >= 1 and len([s for s in statuses if s != 200]) >= 4, statuses
+    for status, data, retry in results:
+        if status == 200:
+            assert data["usage"]["completion_tokens"] > 0 and data["choices"][0]["finish_reason"] in ("stop", "length")
+        else:
+            assert retry == "1" and data["error"]["code"] == "overloaded"
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_cancels_its_generation(gateway):
+    import httpx
+    from ray import serve
+
+    handle = serve.get_deployment_handle("llm-sft", app_name="aero")
+    before = handle.info.remote().result()["cancelled"]
+    body = {"model": "sft", "prompt": "Lists", "max_tokens": 200, "min_tokens": 200, "temperature": 1.0,
+            "stream": True}
+    with httpx.stream("POST", f"{gateway['base']}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # one chunk, then hang up
+    deadline = time.monotonic() + 60
+    while handle.info.remote().result()["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    info = handle.info.remote().result()
+    assert info["cancelled"] == before + 1 and info["running"] == 0
+
+
+@pytest.mark.slow
+def test_the_stage_writes_a_deployable_serve_config(gateway):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    endpoint = json.loads((gateway["stage"] / "endpoint.json").read_text())
+    assert endpoint["openai_base_url"] == f"{gateway['base']}/v1"
+    config = yaml.safe_load((gateway["stage"] / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    assert config["applications"][0]["import_path"] == "serve.app:app_builder"
+    assert KEY not in (gateway["stage"] / "serve_config.yaml").read_text()  # keys never written
+    assert gateway["manifest"].status == "finished"
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_errors(gateway):
+    cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{gateway['base']}/openapi.json",
+           "--checks", "not_a_server_error", "--max-examples", "15", "--header", f"Authorization: Bearer {KEY}",
+           "--url", gateway["base"], "--request-timeout", "60", "--no-color"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_bad_serve_configs_are_refused(tmp_path):
+    bad = {
+        "exactly one of `source`": [{"name": "m", "source": "sft", "upstream": "http://x/v1"}],
+        "set exactly one": [{"name": "m"}],
+        "upstream must be an http": [{"name": "m", "upstream": "ftp://x"}],
+        "repeat": [{"name": "m", "source": "sft"}, {"name": "m", "source": "dpo"}],
+    }
+    for message, models in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            recipe(tmp_path, serve={"models": models})
+    with pytest.raises(ConfigError, match="min_replicas"):
+        recipe(tmp_path, serve={"models": [{"name": "m", "source": "sft", "deployment": {
+            "autoscaling": {"min_replicas": 3, "max_replicas": 1}}}]})
+
+
+def test_without_keys_auth_refuses_to_start_unless_turned_off(monkeypatch):
+    from cluster.errors import UserError
+    from serve.app import api_key_digests
+    from serve.serve_config import AuthConfig
+
+    monkeypatch.delenv("AERO_API_KEYS", raising=False)
+    with pytest.raises(UserError, match="no API keys"):
+        api_key_digests(AuthConfig())
+    assert api_key_digests(AuthConfig(enabled=False)) == []
+    monkeypatch.setenv("AERO_API_KEYS", "a, b")
+    assert len(api_key_digests(AuthConfig())) == 2
+
+
+def test_engine_batches_staggered_requests_exactly_like_generate(tmp_path):
+    """Iteration-level batching must not change greedy outputs: compare with transformers' generate."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from serve.engine import Engine, SamplingParams, Sequence
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=128, eos_token_id=96)).eval()
+
+    class Tok:  # the engine needs decode + eos only
+        eos_token_id = 96
+
+        @staticmethod
+        def decode(ids, skip_special_tokens=True):
+            return "".join(chr(65 + i % 58) for i in ids)
+
+    engine = Engine(model, Tok(), max_batch=4)
+    engine.start()
+    prompts = [[(7 * i + j) % 90 + 1 for j in range(3 + 2 * i)] for i in range(6)]
+    results, events = {}, {}
+
+    def run(i):
+        time.sleep(0.005 * i)
+        done = threading.Event()
+        got = []
+
+        def emit(e):
+            got.append(e)
+            if e["type"] != "delta":
+                done.set()
+        engine.submit(Sequence(prompt_ids=prompts[i], params=SamplingParams(max_tokens=12, temperature=0), emit=emit))
+        assert done.wait(60)
+        results[i], events[i] = "".join(e["text"] for e in got if e["type"] == "delta"), got[-1]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, p in enumerate(prompts):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=96, pad_token_id=0)
+        assert results[i] == Tok.decode(ref[0, len(p):].tolist()), i
+        assert events[i]["completion_tokens"] == len(ref[0]) - len(p)
+    with pytest.raises(ValueError, match="over the context length"):
+        engine.submit(Sequence(prompt_ids=[1] * 100, params=SamplingParams(max_tokens=50), emit=print))
+
+    # a cancelled sequence leaves the batch without finishing
+    got = []
+    seq = engine.submit(Sequence(prompt_ids=[1, 2, 3], params=SamplingParams(max_tokens=100, temperature=1.0),
+                                 emit=got.append))
+    while not got:
+        time.sleep(0.001)
+    seq.cancelled = True
+    deadline = time.monotonic() + 30
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.running and engine.cancelled == 1 and all(e["type"] == "delta" for e in got)
+    engine.stop()
