@@ -59,6 +59,16 @@ async def _invalid(_request: Request, exc: RequestValidationError) -> JSONRespon
     return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
 
 
+def _cancel(stream) -> None:
+    """Cancel a handle stream; a refused request re-raises its BackPressureError on cancel."""
+    if stream is None:
+        return
+    try:
+        stream.cancel()
+    except Exception:
+        pass
+
+
 @serve.ingress(app)
 class Gateway:
     def __init__(self, config: dict[str, Any], handles: dict[str, Any], key_digests: list[str]):
@@ -162,14 +172,16 @@ class Gateway:
     async def _local(self, spec: ModelSpec, req: dict[str, Any], body, *, chat: bool):
         self._admit(spec)
         started = time.monotonic()
-        stream = self.handles[spec.name].options(stream=True).generate.remote(req)
+        stream, refused = None, None
         try:
+            stream = self.handles[spec.name].options(stream=True).generate.remote(req)
             first = await asyncio.wait_for(stream.__anext__(), timeout=self.cfg.request_timeout_s)
-        except BaseException as exc:
-            log.warning("aero: %s: no first event: %r", spec.name, exc)
-            stream.cancel()
+        except Exception as exc:
+            refused = exc
+        if refused is not None:
+            _cancel(stream)
             self._release(spec, 503)
-            raise self._overload(spec, exc) from None
+            raise self._overload(spec, refused)
         if first["type"] == "error":
             self._release(spec, first.get("status", 500))
             raise APIError(first.get("status", 500), first["message"], param=first.get("param"), code=first.get("code"))
@@ -182,7 +194,7 @@ class Gateway:
         try:
             result = await asyncio.wait_for(self._collect(events, body, rid, created, chat), self.cfg.request_timeout_s)
         except asyncio.TimeoutError:
-            stream.cancel()
+            _cancel(stream)
             self._release(spec, 504)
             raise APIError(504, f"generation took longer than {self.cfg.request_timeout_s}s", type="timeout") from None
         except APIError as exc:
@@ -290,7 +302,7 @@ class Gateway:
             status = 504
             yield sse(APIError(504, f"generation took longer than {self.cfg.request_timeout_s}s", type="timeout").body())
         finally:
-            stream.cancel()  # the client left or the stream ended: free the sequences in the engine
+            _cancel(stream)  # the client left or the stream ended: free the sequences in the engine
             self._release(spec, status)
             if completion_tokens:
                 self.metrics.tokens_per_s.observe(completion_tokens / max(time.monotonic() - started, 1e-6),
