@@ -206,7 +206,7 @@ def test_a_client_that_disconnects_cancels_its_generation(gateway):
 
     handle = serve.get_deployment_handle("llm-sft", app_name="aero")
     before = handle.info.remote().result()["cancelled"]
-    body = {"model": "sft", "prompt": "Lists", "max_tokens": 200, "min_tokens": 200, "temperature": 1.0,
+    body = {"model": "sft", "prompt": "Lists", "max_tokens": 100, "min_tokens": 100, "temperature": 1.0,
             "stream": True}
     with httpx.stream("POST", f"{gateway['base']}/v1/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
