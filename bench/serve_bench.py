@@ -11,8 +11,6 @@ tokens/s. Then 2x overload for `--overload-s` seconds against our gateway: every
 The last line is JSON: `ratio` = our output tokens/s at concurrency 16 / peer (a)'s.
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import json
@@ -80,8 +78,9 @@ def peer_generate_server(model_dir: str, port: int) -> None:
 async def one(client, url: str, prompt: str, max_tokens: int, headers: dict, model: str) -> dict:
     start = time.perf_counter()
     stamps: list[float] = []
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    if not model.startswith("/"):  # ours and peer (a) take vLLM's min_tokens; transformers serve refuses it
+        body["min_tokens"] = max_tokens
     async with client.stream("POST", url, json=body, headers=headers) as r:
         if r.status_code != 200:
             await r.aread()
@@ -144,12 +143,9 @@ async def overload(url: str, concurrency: int, seconds: float, headers: dict, mo
 
 
 def replica_rss_mb() -> float:
-    import psutil
-    from ray.util.state import list_actors
+    from ray import serve
 
-    pids = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")]) if "llm-" in (a.class_name or "") or
-            "ServeReplica:bench:llm" in (a.name or "")]
-    return sum(psutil.Process(p).memory_info().rss for p in pids if p) / 1e6
+    return serve.get_deployment_handle("llm-m", app_name="bench").info.remote().result()["rss_mb"]
 
 
 def wait_http(url: str, timeout: float = 180) -> None:
@@ -220,9 +216,10 @@ def main() -> None:
         try:
             wait_http(f"http://127.0.0.1:{port}/v1/models" if name != "peer_generate" else f"http://127.0.0.1:{port}/docs")
             url = f"http://127.0.0.1:{port}/v1/completions"
-            asyncio.run(load(url, 1, 2, 8, {}, model_dir))
+            name_sent = "peer" if name == "peer_generate" else model_dir
+            asyncio.run(load(url, 1, 2, 8, {}, name_sent))
             for c in args.levels:
-                rows[name][c] = asyncio.run(load(url, c, max(2 * c, 8), args.max_tokens, {}, model_dir))
+                rows[name][c] = asyncio.run(load(url, c, max(2 * c, 8), args.max_tokens, {}, name_sent))
                 print(name, rows[name][c], flush=True)
         except Exception as exc:  # a peer that does not run here is reported, not fatal
             print(f"{name}: did not run ({exc}); stderr: {proc.stderr.read()[-500:] if proc.poll() is not None else ''}")

@@ -182,9 +182,10 @@ class Gateway:
             _cancel(stream)
             self._release(spec, 503)
             raise self._overload(spec, refused)
-        if first["type"] == "error":
-            self._release(spec, first.get("status", 500))
-            raise APIError(first.get("status", 500), first["message"], param=first.get("param"), code=first.get("code"))
+        if first[0]["type"] == "error":
+            err = first[0]
+            self._release(spec, err.get("status", 500))
+            raise APIError(err.get("status", 500), err["message"], param=err.get("param"), code=err.get("code"))
         self.metrics.ttft.observe(time.monotonic() - started, tags={"model": spec.name})
         events = self._events(first, stream)
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
@@ -215,10 +216,13 @@ class Gateway:
                         code="overloaded", headers={"Retry-After": str(self.cfg.retry_after_s)})
 
     @staticmethod
-    async def _events(first: dict, stream) -> AsyncIterator[dict]:
-        yield first
-        async for event in stream:
+    async def _events(first: list[dict], stream) -> AsyncIterator[dict]:
+        """The replica's batches of events, one event at a time."""
+        for event in first:
             yield event
+        async for batch in stream:
+            for event in batch:
+                yield event
 
     async def _collect(self, events, body, rid: str, created: int, chat: bool) -> dict[str, Any]:
         texts: dict[int, list[str]] = collections.defaultdict(list)
