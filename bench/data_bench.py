@@ -35,6 +35,7 @@ def _prose_texts():
     """The stdlib's pydoc topics and its modules' docstrings: the default corpus's prose."""
     import ast
     import sysconfig
+
     from pydoc_data.topics import topics
 
     yield from topics.values()

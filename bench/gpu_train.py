@@ -57,12 +57,7 @@ def main() -> None:
 
     import torch
 
-    from jobs.model_factory import (
-        flops_per_token,
-        llama_config,
-        parameter_count,
-        pick_attention,
-    )
+    from jobs.model_factory import flops_per_token, llama_config, parameter_count, pick_attention
     from jobs.pretrain_config import PretrainConfig
     from jobs.train_loop import LocalEnv, run_training
 

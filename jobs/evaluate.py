@@ -123,11 +123,7 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
     import statistics
 
     import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(0)
     sft_val = _read_jsonl(Path(data["sft_val"]), cfg.records)

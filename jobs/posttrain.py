@@ -16,13 +16,7 @@ from pathlib import Path
 from cluster.errors import UserError
 from cluster.manifest import atomic_write_text, hash_path
 from cluster.stage import Stage, StageContext, StageResult
-from jobs.posttrain_config import (
-    DPOConfig,
-    GRPOConfig,
-    PostTrainConfig,
-    RewardConfig,
-    SFTConfig,
-)
+from jobs.posttrain_config import DPOConfig, GRPOConfig, PostTrainConfig, RewardConfig, SFTConfig
 
 DATASETS = {"sft": ("sft_train", "sft_val"), "reward": ("prefs_train", "prefs_val"),
             "dpo": ("prefs_train", "prefs_val"), "grpo": ("sft_train", "sft_val")}

@@ -64,9 +64,7 @@ def export_model(cfg: PretrainConfig, plan: dict, checkpoint_dir: Path, tokenize
     if cfg.zero_stage == 0:
         state = torch.load(checkpoint_dir / "ckpt" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     else:
-        from deepspeed.utils.zero_to_fp32 import (
-            get_fp32_state_dict_from_zero_checkpoint,
-        )
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="ckpt")
     model.load_state_dict(state)
@@ -107,13 +105,7 @@ def _plot_losses(history: list[dict], path: Path) -> None:
 
 def run(ctx: StageContext, cfg: PretrainConfig) -> StageResult:
     import ray.data
-    from ray.train import (
-        CheckpointConfig,
-        DataConfig,
-        FailureConfig,
-        RunConfig,
-        ScalingConfig,
-    )
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from jobs.train_loop import ray_train_loop

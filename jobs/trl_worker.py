@@ -77,11 +77,7 @@ def build_trainer(kind: str, cfg: PostTrainConfig, paths: dict[str, str], output
     import torch
     import trl
     from datasets import load_dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(paths["base"])
     max_length = int(paths["max_length"])
@@ -134,11 +130,7 @@ def build_trainer(kind: str, cfg: PostTrainConfig, paths: dict[str, str], output
 def export_checkpoint(kind: str, checkpoint: Path, base: str, out: Path) -> Path:
     """A trainer checkpoint -> a Hugging Face model folder (LoRA merged into `base`), with the
     tokenizer and a generation config that stops at the end of an assistant turn."""
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
     if (checkpoint / "adapter_config.json").exists():

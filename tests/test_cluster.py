@@ -3,12 +3,13 @@ cluster-launcher file passes Ray's own validation."""
 
 from __future__ import annotations
 
+
 import pytest
 import yaml
 
 from cluster.errors import ConfigError
-from cluster.launcher import validate_cluster_file
 from cluster.manifest import read_manifest
+from cluster.launcher import validate_cluster_file
 from tests.conftest import REPO, aero
 
 

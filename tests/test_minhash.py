@@ -8,14 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from data_jobs.minhash import (
-    DedupConfig,
-    UnionFind,
-    band_keys,
-    estimated_jaccard,
-    permutations,
-    signature,
-)
+from data_jobs.minhash import DedupConfig, UnionFind, band_keys, estimated_jaccard, permutations, signature
 from data_jobs.text_stats import ngram_hashes, words_and_hashes
 
 

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster.config import build_recipe

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
+
 from data_jobs.quality import (
-    C4Rules,
-    CodeQuality,
-    GopherQuality,
-    GopherRepetition,
-    LanguageId,
-    c4_rules,
-    code_rules,
-    gopher_quality,
-    gopher_repetition,
-    identify_language,
-    language_rule,
+    C4Rules, CodeQuality, GopherQuality, GopherRepetition, LanguageId, c4_rules, code_rules,
+    gopher_quality, gopher_repetition, identify_language, language_rule,
 )
 from data_jobs.text_stats import words_and_hashes
 
