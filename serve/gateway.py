@@ -178,6 +178,10 @@ class Gateway:
             first = await asyncio.wait_for(stream.__anext__(), timeout=self.cfg.request_timeout_s)
         except Exception as exc:
             refused = exc
+        except BaseException:  # cancelled: the client went away while waiting
+            _cancel(stream)
+            self._release(spec, 499)
+            raise
         if refused is not None:
             _cancel(stream)
             self._release(spec, 503)
@@ -192,16 +196,20 @@ class Gateway:
         if body.stream:
             return StreamingResponse(self._sse(spec, events, stream, body, rid, created, chat, started),
                                      media_type="text/event-stream")
+        status = 499  # unless set below: the client went away (the handler was cancelled)
         try:
             result = await asyncio.wait_for(self._collect(events, body, rid, created, chat), self.cfg.request_timeout_s)
+            status = 200
         except asyncio.TimeoutError:
-            _cancel(stream)
-            self._release(spec, 504)
+            status = 504
             raise APIError(504, f"generation took longer than {self.cfg.request_timeout_s}s", type="timeout") from None
         except APIError as exc:
-            self._release(spec, exc.status)
+            status = exc.status
             raise
-        self._release(spec, 200)
+        finally:
+            if status != 200:
+                _cancel(stream)
+            self._release(spec, status)
         tokens = result["usage"]["completion_tokens"]
         self.metrics.tokens_per_s.observe(tokens / max(time.monotonic() - started, 1e-6), tags={"model": spec.name})
         return result
