@@ -148,6 +148,39 @@ def replica_rss_mb() -> float:
     return serve.get_deployment_handle("llm-m", app_name="bench").info.remote().result()["rss_mb"]
 
 
+def engine_alone(model_dir: str, concurrency: int, tokens: int) -> dict:
+    """The batching engine in-process vs `generate` one request at a time: the engine's own gain,
+    without HTTP or Ray Serve in either."""
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serve.engine import Engine, SamplingParams, Sequence
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompts = [tok(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(concurrency)]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for p in prompts:
+            model.generate(torch.tensor([p]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
+    sequential = concurrency * tokens / (time.perf_counter() - start)
+    engine = Engine(model, tok, max_batch=concurrency)
+    engine.start()
+    done = threading.Semaphore(0)
+    start = time.perf_counter()
+    for p in prompts:
+        engine.submit(Sequence(prompt_ids=p, params=SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0),
+                               emit=lambda e: e["type"] != "delta" and done.release()))
+    for _ in prompts:
+        done.acquire()
+    batched = concurrency * tokens / (time.perf_counter() - start)
+    engine.stop()
+    return {"sequential_tok_s": sequential, "engine_tok_s": batched, "ratio": batched / sequential}
+
+
 def wait_http(url: str, timeout: float = 180) -> None:
     import httpx
 
@@ -179,7 +212,8 @@ def main() -> None:
     from serve.app import deploy
     from serve.serve_config import ServeConfig
 
-    figures: dict[str, dict] = {}
+    figures: dict[str, dict] = {"engine_alone": engine_alone(model_dir, max(args.levels), args.max_tokens)}
+    print("engine alone (no HTTP, no Ray):", figures["engine_alone"], flush=True)
     limits = {"max_ongoing_requests": 16, "max_queued_requests": 16, "num_cpus": 0,
               "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
@@ -234,7 +268,8 @@ def main() -> None:
     print(json.dumps({"bench": "serve", "ours_tok_s": round(ours, 1), "peer_generate_tok_s": peer_a and round(peer_a, 1),
                       "transformers_serve_tok_s": peer_b and round(peer_b, 1),
                       "ratio": peer_a and round(ours / peer_a, 3), "ratio_transformers_serve": peer_b and round(ours / peer_b, 3),
-                      "ttft_p99_c8_s": round(rows["ours"][mid]["ttft_p99"], 3), "overload": figures["overload"]}))
+                      "ttft_p99_c8_s": round(rows["ours"][mid]["ttft_p99"], 3),
+                      "engine_alone_ratio": round(figures["engine_alone"]["ratio"], 3), "overload": figures["overload"]}))
 
 
 if __name__ == "__main__":
