@@ -318,15 +318,19 @@ def test_engine_batches_staggered_requests_exactly_like_generate(tmp_path):
     with pytest.raises(ValueError, match="over the context length"):
         engine.submit(Sequence(prompt_ids=[1] * 100, params=SamplingParams(max_tokens=50), emit=print))
 
-    # a cancelled sequence leaves the batch without finishing
-    got = []
-    seq = engine.submit(Sequence(prompt_ids=[1, 2, 3], params=SamplingParams(max_tokens=100, temperature=1.0),
-                                 emit=got.append))
-    while not got:
-        time.sleep(0.001)
-    seq.cancelled = True
-    deadline = time.monotonic() + 30
-    while engine.running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not engine.running and engine.cancelled == 1 and all(e["type"] == "delta" for e in got)
     engine.stop()
+
+    # A cancelled sequence leaves the batch at the next step without finishing (stepped by hand: no race).
+    manual = Engine(model, Tok(), max_batch=4)
+    got = []
+    seq = manual.submit(Sequence(prompt_ids=[1, 2, 3], params=SamplingParams(max_tokens=50, min_tokens=50, temperature=1.0),
+                                 emit=got.append))
+    other = manual.submit(Sequence(prompt_ids=[4, 5], params=SamplingParams(max_tokens=10, min_tokens=10, temperature=0),
+                                   emit=lambda e: None))
+    for _ in range(3):
+        manual.step()
+    assert [s.id for s in manual.running] == [seq.id, other.id] and len(got) == 4  # prefill token + 3 decode steps
+    seq.cancelled = True
+    manual.step()
+    assert [s.id for s in manual.running] == [other.id] and manual.cancelled == 1
+    assert len(got) == 4 and all(e["type"] == "delta" for e in got)
