@@ -55,19 +55,15 @@ def _read_jsonl(path: Path, limit: int) -> list[dict]:
 
 
 def _perplexity(model, index: dict, n: int) -> float:
-    import math
-
     import numpy as np
     import pyarrow.dataset as pads
     import torch
 
+    from jobs.compression_eval import perplexity
+
     table = pads.dataset(index["splits"]["val"]["path"], format="parquet").head(n, columns=["input_ids"])
     ids = torch.from_numpy(np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)).astype("int64"))
-    losses = []
-    with torch.no_grad():
-        for batch in ids.split(8):
-            losses.append(model(input_ids=batch, labels=batch).loss.item() * len(batch))
-    return math.exp(sum(losses) / len(ids))
+    return perplexity(model, ids)
 
 
 def _answer_logprob(model, tokenizer, prompt: list[dict], answer: str) -> tuple[float, int]:

@@ -114,7 +114,6 @@ class BatchKV:
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, stop_token_ids: set[int] | None = None):
-        import torch
 
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
@@ -131,7 +130,6 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.cancelled = 0  # sequences dropped before their end (client gone)
-        torch.set_grad_enabled(False)
 
     # ---- public, thread-safe ----
     def submit(self, seq: Sequence) -> Sequence:
@@ -176,6 +174,13 @@ class Engine:
 
     def step(self) -> None:
         """Admit waiting sequences (prefill), then one decode step for all running ones."""
+        import torch
+
+        # Grad mode is per thread: the engine thread must switch autograd off itself.
+        with torch.no_grad():
+            self._step()
+
+    def _step(self) -> None:
         import torch
 
         while len(self.running) < self.max_batch and self.waiting:
