@@ -19,9 +19,11 @@ app = typer.Typer(
 jobs_app = typer.Typer(help="Ray jobs on a cluster (Ray Jobs API).", no_args_is_help=True)
 cluster_app = typer.Typer(help="Start, stop and inspect Ray clusters.", no_args_is_help=True)
 runs_app = typer.Typer(help="Read run folders and their manifests.", no_args_is_help=True)
+moderation_app = typer.Typer(help="The serving stage's moderation: audit reports.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(runs_app, name="runs")
+app.add_typer(moderation_app, name="moderation")
 
 JOBS_ADDRESS_HELP = "Ray dashboard URL (default: RAY_ADDRESS if http, else http://127.0.0.1:8265)."
 # Arguments shared by the commands that run recipes.
@@ -165,6 +167,25 @@ def serve_command(
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+
+
+@moderation_app.command("report")
+@user_errors
+def moderation_report(
+    source: Annotated[Path, typer.Argument(help="A recipe (its serve stage's audit log) or an audit log .jsonl file.")],
+    since: str = typer.Option("24h", help="Time window: 30m, 24h, 7d."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Flagged rates per direction and category, and the actions taken, from the audit log."""
+    from serve.moderation.audit import parse_window, report, report_text
+
+    path = source
+    if source.suffix in (".yaml", ".yml"):
+        recipe = _recipe(source, [], [], None)
+        configured = recipe.stage_config("serve").moderation.audit_log
+        path = Path(configured) if configured else recipe.run_dir / "serve" / "moderation_audit.jsonl"
+    rep = report(path.expanduser(), parse_window(since))
+    typer.echo(json.dumps(rep, indent=2) if as_json else report_text(rep))
 
 
 @app.command()

@@ -24,6 +24,7 @@ STAGE_TABLE: dict[str, str] = {
     "eval": "jobs.evaluate:STAGE",
     "sparsify": "jobs.sparsify:STAGE",
     "quantize": "jobs.quantize:STAGE",
+    "moderation": "serve.moderation.stage:STAGE",
     "serve": "serve.app:STAGE",
     "tune": "tune.search:STAGE",
 }

@@ -19,6 +19,7 @@ PLACEHOLDERS = {
     "ip_address": "<IP_ADDRESS>",
     "credit_card": "<CREDIT_CARD>",
     "secret": "<SECRET>",
+    "national_id": "<NATIONAL_ID>",
 }
 
 
@@ -29,6 +30,7 @@ class PiiConfig(StrictModel):
     ip_address: bool = True
     credit_card: bool = True
     secret: bool = True
+    national_id: bool = True
     keep_private_ips: bool = False
 
 
@@ -53,6 +55,11 @@ _ASSIGNED_SECRET = re.compile(
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\d|\.\d)")
 _IPV6 = re.compile(r"(?<![:\w])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![:\w])")
+# US SSN (area not 000/666/9xx, group not 00, serial not 0000; dashes required) and UK NINO.
+_NATIONAL_ID = re.compile(
+    r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])"
+    r"|\b(?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"
+)
 _CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
 _PHONE = re.compile(
     r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?!\w)(?![ .-]\d)"
@@ -103,6 +110,8 @@ def scrub_pii(text: str, cfg: PiiConfig) -> tuple[str, Counter]:
         text = _ASSIGNED_SECRET.sub(assigned, text)
     if cfg.email and "@" in text:
         text = sub(_EMAIL, "email", text)
+    if cfg.national_id and any(c.isdigit() for c in text):
+        text = sub(_NATIONAL_ID, "national_id", text)
     digits = _DIGIT_RUN.search(text) is not None
     if cfg.credit_card and digits:
         def is_card(m: re.Match) -> bool:

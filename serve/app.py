@@ -35,11 +35,14 @@ def api_key_digests(auth: AuthConfig) -> list[str]:
 
 
 def build_app(cfg: ServeConfig, paths: dict[str, str], digests: list[str]):
-    """The Serve application: one LLMServer deployment per local model, the gateway in front."""
+    """The Serve application: one LLMServer deployment per local model, the moderation
+    deployment, the gateway in front. `paths` maps model names (and, with moderation on,
+    `moderation:classifier`, `moderation:guard`, `moderation:audit`) to folders / files."""
     from ray import serve
 
     from serve.gateway import Gateway
     from serve.llm_server import LLMServer
+    from serve.moderation.deployment import ModerationServer
 
     def options(limits) -> dict[str, Any]:
         a = limits.autoscaling
@@ -59,8 +62,13 @@ def build_app(cfg: ServeConfig, paths: dict[str, str], digests: list[str]):
     envs = {m.api_key_env: os.environ[m.api_key_env] for m in cfg.models if m.api_key_env and m.api_key_env in os.environ}
     if envs:  # upstream keys reach the gateway replicas as environment variables
         ingress_options["ray_actor_options"]["runtime_env"] = {"env_vars": envs}
+    moderation = None
+    if cfg.moderation.enabled:
+        deployment = serve.deployment(ModerationServer, name="moderation", **options(cfg.moderation.deployment))
+        moderation = deployment.bind(cfg.moderation.model_dump(mode="json"), paths[CLASSIFIER],
+                                     paths.get(GUARD), paths.get(AUDIT))
     gateway = serve.deployment(Gateway, name="gateway", **ingress_options)
-    return gateway.bind(cfg.model_dump(mode="json"), handles, digests)
+    return gateway.bind(cfg.model_dump(mode="json"), handles, digests, moderation)
 
 
 def app_builder(args: dict[str, Any]):
@@ -69,10 +77,23 @@ def app_builder(args: dict[str, Any]):
     return build_app(cfg, args["paths"], api_key_digests(cfg.auth))
 
 
-def model_paths(ctx: StageContext, cfg: ServeConfig) -> dict[str, str]:
-    from jobs.posttrain import model_dir
+CLASSIFIER, GUARD, AUDIT = "moderation:classifier", "moderation:guard", "moderation:audit"
 
-    return {m.name: str(model_dir(ctx, m.source).resolve()) for m in cfg.models if m.source}
+
+def model_paths(ctx: StageContext, cfg: ServeConfig) -> dict[str, str]:
+    """Folders of the local models and of the moderation classifier / guard model, and the
+    audit log file (stage names resolve to their outputs in this run)."""
+    from jobs.posttrain import _is_folder, model_dir
+
+    paths = {m.name: str(model_dir(ctx, m.source).resolve()) for m in cfg.models if m.source}
+    mod = cfg.moderation
+    if mod.enabled:
+        ref = mod.classifier
+        paths[CLASSIFIER] = str((Path(ref) if _is_folder(ref) else ctx.upstream_output(ref, "classifier")).resolve())
+        if mod.guard_model:
+            paths[GUARD] = str(model_dir(ctx, mod.guard_model).resolve())
+        paths[AUDIT] = str(Path(mod.audit_log or ctx.stage_dir / "moderation_audit.jsonl").expanduser().resolve())
+    return paths
 
 
 def deploy(cfg: ServeConfig, paths: dict[str, str]) -> str:
@@ -97,7 +118,8 @@ def run(ctx: StageContext, cfg: ServeConfig) -> StageResult:
     paths = model_paths(ctx, cfg)
     url = deploy(cfg, paths)
     atomic_write_text(ctx.stage_dir / "serve_config.yaml", yaml.safe_dump(serve_deploy_config(cfg, paths), sort_keys=False))
-    endpoint = {"url": url, "openai_base_url": f"{url}/v1", "models": [m.name for m in cfg.models], "paths": paths}
+    endpoint = {"url": url, "openai_base_url": f"{url}/v1", "models": [m.name for m in cfg.models], "paths": paths,
+                "moderation": cfg.moderation.enabled, "audit_log": paths.get(AUDIT)}
     atomic_write_text(ctx.stage_dir / "endpoint.json", json.dumps(endpoint, indent=2) + "\n")
     print(f"aero: serving {', '.join(endpoint['models'])} at {url}/v1 (OpenAI-compatible)")
     return StageResult(outputs={"endpoint": ctx.stage_dir / "endpoint.json",
@@ -107,8 +129,10 @@ def run(ctx: StageContext, cfg: ServeConfig) -> StageResult:
 def _inputs(ctx: StageContext, cfg: ServeConfig) -> dict[str, str]:
     from jobs.posttrain import _is_folder
 
-    return {f"stage:{m.source}": ctx.upstream(m.source).output_id for m in cfg.models
-            if m.source and not _is_folder(m.source)}
+    refs = [m.source for m in cfg.models if m.source]
+    if cfg.moderation.enabled:
+        refs += [cfg.moderation.classifier] + ([cfg.moderation.guard_model] if cfg.moderation.guard_model else [])
+    return {f"stage:{ref}": ctx.upstream(ref).output_id for ref in refs if not _is_folder(ref)}
 
 
 STAGE = Stage(name="serve", config_model=ServeConfig, run=run, outside_inputs=_inputs, always_run=True,

@@ -3,7 +3,10 @@ admission limits, errors in OpenAI's shape, streaming over SSE.
 
 Local models are reached through their `LLMServer` deployment handles (streaming through the
 handle); remote upstreams (any OpenAI-compatible server) through httpx, so one gateway fronts
-both with the same keys and limits. API keys reach the replicas only as SHA-256 digests.
+both with the same keys, limits and moderation. API keys reach the replicas only as SHA-256
+digests. With moderation on, every input is screened by the moderation deployment before a
+model sees it, and output is screened before the client does: whole answers, or streamed
+text held back and screened in windows.
 """
 
 
@@ -26,6 +29,7 @@ from serve.openai_api import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    ModerationRequest,
     chat_logprobs,
     completion_logprobs,
     new_id,
@@ -33,6 +37,7 @@ from serve.openai_api import (
     sse,
     usage,
 )
+from serve.moderation.rules import redact
 from serve.serve_config import ModelSpec, ServeConfig
 
 log = logging.getLogger(__name__)
@@ -69,9 +74,17 @@ def _cancel(stream) -> None:
         pass
 
 
+class _Flagged(Exception):
+    """A screened window of streamed output was blocked."""
+
+    def __init__(self, categories: list[str]):
+        super().__init__(", ".join(categories))
+        self.categories = categories
+
+
 @serve.ingress(app)
 class Gateway:
-    def __init__(self, config: dict[str, Any], handles: dict[str, Any], key_digests: list[str]):
+    def __init__(self, config: dict[str, Any], handles: dict[str, Any], key_digests: list[str], moderation=None):
         import httpx
 
         from serve.metrics import ServeMetrics
@@ -79,6 +92,8 @@ class Gateway:
         self.cfg = ServeConfig.model_validate(config)
         self.specs: dict[str, ModelSpec] = {m.name: m for m in self.cfg.models}
         self.handles = handles
+        self.moderation = moderation if self.cfg.moderation.enabled else None
+        self.mcfg = self.cfg.moderation
         self.digests = [bytes.fromhex(d) for d in key_digests]
         if self.cfg.auth.enabled and not self.digests:
             raise RuntimeError("auth is on but no API keys were given")
@@ -140,28 +155,43 @@ class Gateway:
         self._auth(request)
         self._check_size(request)
         spec = self._spec(body.model)
-        if spec.upstream:
-            return await self._remote(spec, "/chat/completions", await request.json(), body.stream)
         try:
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+            texts = [m.text() for m in body.messages]
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
+        context = {"model": spec.name, "request_id": new_id("req"), "endpoint": "chat"}
+        screened = await self._screen_input(texts, "messages", context)
+        if isinstance(screened, APIError):
+            return self._refusal(body, chat=True)
+        if spec.upstream:
+            payload = await request.json()
+            for i, text in enumerate(screened):
+                if text != texts[i]:  # redacted
+                    payload["messages"][i]["content"] = text
+            return await self._remote(spec, "/chat/completions", payload, body, context)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": text}
+                    for m, text in zip(body.messages, screened)]
         max_tokens = body.max_completion_tokens or body.max_tokens or spec.default_max_tokens
         req = {"kind": "chat", "messages": messages, "n": body.n, "params": self._params(
             body, max_tokens, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)}
-        return await self._local(spec, req, body, chat=True)
+        return await self._local(spec, req, body, chat=True, context=context)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         self._auth(request)
         self._check_size(request)
         spec = self._spec(body.model)
+        context = {"model": spec.name, "request_id": new_id("req"), "endpoint": "completions"}
+        screened = await self._screen_input([body.prompt], "prompt", context)
+        if isinstance(screened, APIError):
+            return self._refusal(body, chat=False)
+        body.prompt = screened[0]  # what the model sees (and what echo returns)
         if spec.upstream:
-            return await self._remote(spec, "/completions", await request.json(), body.stream)
+            return await self._remote(spec, "/completions", {**await request.json(), "prompt": body.prompt}, body, context)
         max_tokens = body.max_tokens or spec.default_max_tokens
         req = {"kind": "completion", "prompt": body.prompt, "n": body.n, "params": self._params(
             body, max_tokens, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, echo=body.echo)}
-        return await self._local(spec, req, body, chat=False)
+        return await self._local(spec, req, body, chat=False, context=context)
 
     @staticmethod
     def _params(body, max_tokens: int, **extra) -> dict[str, Any]:
@@ -169,7 +199,7 @@ class Gateway:
                 "top_p": body.top_p, "seed": body.seed, "stop": body.stop or [], **extra}
 
     # ---- local models ----
-    async def _local(self, spec: ModelSpec, req: dict[str, Any], body, *, chat: bool):
+    async def _local(self, spec: ModelSpec, req: dict[str, Any], body, *, chat: bool, context: dict[str, Any]):
         self._admit(spec)
         started = time.monotonic()
         stream, refused = None, None
@@ -194,11 +224,14 @@ class Gateway:
         events = self._events(first, stream)
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         if body.stream:
+            if self.moderation is not None:
+                events = self._screened(events, context)
             return StreamingResponse(self._sse(spec, events, stream, body, rid, created, chat, started),
                                      media_type="text/event-stream")
         status = 499  # unless set below: the client went away (the handler was cancelled)
         try:
             result = await asyncio.wait_for(self._collect(events, body, rid, created, chat), self.cfg.request_timeout_s)
+            await self._screen_output(result, chat, context)
             status = 200
         except asyncio.TimeoutError:
             status = 504
@@ -294,7 +327,8 @@ class Gateway:
                 async for e in events:
                     if e["type"] == "error":
                         status = e.get("status", 500)
-                        yield sse(APIError(status, e["message"], type="server_error").body())
+                        yield sse(APIError(status, e["message"], type=e.get("error_type", "server_error"),
+                                           code=e.get("code")).body())
                         break
                     if e["type"] == "delta":
                         lp = None
@@ -321,8 +355,10 @@ class Gateway:
                                                   tags={"model": spec.name})
 
     # ---- remote upstreams ----
-    async def _remote(self, spec: ModelSpec, path: str, payload: dict[str, Any], stream: bool):
+    async def _remote(self, spec: ModelSpec, path: str, payload: dict[str, Any], body, context: dict[str, Any]):
         import httpx
+
+        stream, chat = body.stream, path == "/chat/completions"
 
         self._admit(spec)
         url = spec.upstream.rstrip("/") + path
@@ -351,20 +387,185 @@ class Gateway:
             finally:
                 await response.aclose()
                 self._release(spec, 200)
+            await self._screen_output(data, chat, context)
             return {**data, "model": spec.name}
+
+        async def chunks() -> AsyncIterator[dict]:
+            """The upstream's chunks as delta / done events (the chunk rides along)."""
+            async for line in response.aiter_lines():
+                if line == "data: [DONE]":
+                    return
+                if not line.startswith("data: "):
+                    continue
+                chunk = json.loads(line[6:])
+                if "model" in chunk:
+                    chunk["model"] = spec.name
+                choices = chunk.get("choices") or [{}]
+                c = choices[0]
+                text = (c.get("delta") or {}).get("content") or "" if chat else c.get("text") or ""
+                kind = "done" if c.get("finish_reason") else "delta"
+                yield {"type": kind, "index": c.get("index", 0), "text": text, "tokens": [], "chunk": chunk}
 
         async def relay() -> AsyncIterator[str]:
             try:
-                async for line in response.aiter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        chunk = json.loads(line[6:])
-                        if "model" in chunk:
-                            chunk["model"] = spec.name
-                        yield sse(chunk)
-                    elif line == "data: [DONE]":
-                        yield sse("[DONE]")
+                events = chunks() if self.moderation is None else self._screened(chunks(), context)
+                async for e in events:
+                    if e["type"] == "error":
+                        yield sse(APIError(e["status"], e["message"], type=e["error_type"], code=e["code"]).body())
+                        break
+                    chunk = e.get("chunk")
+                    if chunk is None:  # text rewritten by redaction
+                        chunk = {"object": "chat.completion.chunk" if chat else "text_completion", "model": spec.name,
+                                 "choices": [{"index": e["index"], "finish_reason": None, **(
+                                     {"delta": {"content": e["text"]}} if chat else {"text": e["text"]})}]}
+                    yield sse(chunk)
+                yield sse("[DONE]")
             finally:
                 await response.aclose()
                 self._release(spec, 200)
 
         return StreamingResponse(relay(), media_type="text/event-stream")
+
+    # ---- moderation ----
+    async def _moderate(self, texts: list[str], direction: str, context: dict[str, Any]) -> list[dict]:
+        try:
+            return await self.moderation.screen.remote(texts, direction, context)
+        except Exception as exc:  # the moderation deployment refused (queue full) or is gone: fail closed
+            from ray.serve.exceptions import BackPressureError
+
+            kind = "backpressure" if isinstance(exc, BackPressureError) else type(exc).__name__
+            self.metrics.rejections.inc(tags={"model": context.get("model", "-"), "reason": f"moderation_{kind}"})
+            raise APIError(503, f"moderation is overloaded or unavailable ({kind}); retry", type="overloaded",
+                           code="overloaded", headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+
+    async def _screen_input(self, texts: list[str], param: str, context: dict[str, Any]) -> list[str] | APIError:
+        """Texts as the model may see them (redacted), or the APIError of a blocked input when a
+        refusal message is configured (without one, the error is raised: a 400)."""
+        if self.moderation is None:
+            return texts
+        for i, t in enumerate(texts):
+            if len(t) > self.mcfg.max_input_chars:
+                raise APIError(400, f"{param}[{i}] has {len(t)} characters; moderation screens at most "
+                                    f"{self.mcfg.max_input_chars}", param=param, code="input_too_long")
+        verdicts = await self._moderate(texts, "input", context)
+        blocked = sorted({c for v in verdicts for c in v["blocked"]})
+        if blocked:
+            err = APIError(400, f"the input was flagged by moderation ({', '.join(blocked)}) and was not sent to "
+                                f"the model", param=param, code="content_policy_violation")
+            if self.mcfg.refusal_message is None:
+                raise err
+            return err
+        return [v["text"] if v["action"] == "redact" else t for t, v in zip(texts, verdicts)]
+
+    def _refusal(self, body, *, chat: bool):
+        """A blocked input answered with the configured refusal text (finish_reason content_filter)."""
+        text, rid, created = self.mcfg.refusal_message, new_id("chatcmpl" if chat else "cmpl"), now()
+        obj = "chat.completion" if chat else "text_completion"
+        choices = [{"index": i, "finish_reason": "content_filter", "logprobs": None,
+                    **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+                   for i in range(body.n)]
+        if not body.stream:
+            return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": choices,
+                    "usage": usage(0, 0)}
+
+        async def stream() -> AsyncIterator[str]:
+            for c in choices:
+                delta = {"delta": {"role": "assistant", "content": text}} if chat else {"text": text}
+                yield sse({"id": rid, "object": obj + (".chunk" if chat else ""), "created": created, "model": body.model,
+                           "choices": [{"index": c["index"], "finish_reason": "content_filter", "logprobs": None, **delta}]})
+            yield sse("[DONE]")
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    async def _screen_output(self, result: dict[str, Any], chat: bool, context: dict[str, Any]) -> None:
+        """Screen every choice of a whole answer; blocked text is withheld, PII redacted."""
+        if self.moderation is None or not result.get("choices"):
+            return
+        texts = [(c.get("message") or {}).get("content") or "" if chat else c.get("text") or "" for c in result["choices"]]
+        verdicts = await self._moderate(texts, "output", context)
+        for c, v in zip(result["choices"], verdicts):
+            if v["action"] == "block":
+                new = self.mcfg.refusal_message or ""
+                c["finish_reason"], c["logprobs"] = "content_filter", None
+            elif v["action"] == "redact":
+                new = v["text"]
+            else:
+                continue
+            if chat:
+                c["message"]["content"] = new
+            else:
+                c["text"] = new
+
+    async def _screened(self, events: AsyncIterator[dict], context: dict[str, Any]) -> AsyncIterator[dict]:
+        """Stream events with generated text held back and screened in windows of
+        `output_window_chars` (with the last window as overlap). A window is released up to its
+        last whitespace, so an e-mail or key is never split across two windows. A blocked window
+        ends the stream with an error event; nothing after it is sent."""
+        window = self.mcfg.output_window_chars
+        pending: dict[int, list[dict]] = collections.defaultdict(list)
+        size: collections.Counter[int] = collections.Counter()
+        tail: dict[int, str] = collections.defaultdict(str)
+
+        async def release(i: int, final: bool) -> list[dict]:
+            evs = pending[i]
+            if not final:
+                cut = max((k for k, e in enumerate(evs) if any(ch.isspace() for ch in e["text"])), default=None)
+                if cut is None:
+                    return []
+                evs = evs[:cut + 1]
+            pending[i] = pending[i][len(evs):]
+            size[i] = sum(len(e["text"]) for e in pending[i])
+            text = "".join(e["text"] for e in evs)
+            if not text.strip():
+                return evs
+            v = (await self._moderate([tail[i] + text], "output", context))[0]
+            if v["action"] == "block":
+                raise _Flagged(v["blocked"])
+            tail[i] = (tail[i] + text)[-window:]
+            if v["action"] == "redact":
+                cats = {c for c, f in v["categories"].items() if f}
+                red = redact(text, pii="pii" in cats, secrets="secrets" in cats)
+                if red != text:
+                    return [{"type": "delta", "index": i, "text": red, "tokens": []}]
+            return evs
+
+        try:
+            async for e in events:
+                i = e.get("index", 0)
+                if e["type"] == "delta":
+                    pending[i].append(e)
+                    size[i] += len(e["text"])
+                    if size[i] >= window:
+                        for out in await release(i, final=False):
+                            yield out
+                elif e["type"] == "done":
+                    for out in await release(i, final=True):
+                        yield out
+                    yield e
+                else:
+                    yield e
+        except _Flagged as flagged:
+            yield {"type": "error", "status": 400, "error_type": "invalid_request_error", "code": "content_filter",
+                   "message": f"the output was flagged by moderation ({', '.join(flagged.categories)}); "
+                              f"the rest of the answer is withheld"}
+
+    @app.post("/v1/moderations")
+    async def moderations(self, body: ModerationRequest, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        self._check_size(request)
+        if self.moderation is None:
+            raise APIError(404, "moderation is off on this server (serve.moderation.enabled: false)",
+                           code="moderation_disabled")
+        try:
+            texts = body.texts()
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="input") from None
+        for i, t in enumerate(texts):
+            if len(t) > self.mcfg.max_input_chars:
+                raise APIError(400, f"input[{i}] has {len(t)} characters; the limit is {self.mcfg.max_input_chars}",
+                               param="input", code="input_too_long")
+        verdicts = await self._moderate(texts, "api", {"endpoint": "moderations"})
+        return {"id": new_id("modr"), "model": body.model or "aero-moderation-1", "results": [
+            {"flagged": v["flagged"], "categories": v["categories"], "category_scores": v["scores"],
+             "category_applied_input_types": {c: ["text"] for c in v["categories"]}} for v in verdicts]}
+

@@ -46,13 +46,14 @@ class LLMServer:
         self.engine = Engine(self.model, self.tokenizer, max_batch=max_batch, stop_token_ids=stop_ids)
         self.engine.start()
         self.metrics = ServeMetrics()
+        self.requests = 0
         log.warning("aero: serving %s from %s (%s)", name, path, self.quantization or "fp")
 
     def info(self) -> dict[str, Any]:
         e = self.engine
         return {"name": self.name, "path": self.path, "context": e.context, "quantization": self.quantization,
                 "running": len(e.running), "waiting": e.queue_length(), "steps": e.steps, "cancelled": e.cancelled,
-                "rss_mb": _rss_mb()}
+                "requests": self.requests, "rss_mb": _rss_mb()}
 
     def check_health(self) -> None:
         if not self.engine.alive():
@@ -79,6 +80,7 @@ class LLMServer:
         """Lists of events for one request with n choices: delta/done per choice, or one error."""
         from serve.engine import SamplingParams, Sequence
 
+        self.requests += 1
         try:
             ids = self._prompt_ids(req)
         except Exception as exc:  # a template that rejects the messages (e.g. role order)

@@ -122,3 +122,25 @@ def completion_logprobs(tokens: list[dict], offset: int = 0) -> dict[str, Any]:
 
 def now() -> int:
     return int(time.time())
+
+
+class ModerationRequest(BaseModel):
+    """`POST /v1/moderations`: `input` is a string, a list of strings, or a list of
+    `{"type": "text", "text": ...}` parts (images are refused)."""
+
+    model_config = ConfigDict(extra="ignore")
+    input: str | list[str | dict[str, Any]]
+    model: str | None = None
+
+    def texts(self) -> list[str]:
+        items = [self.input] if isinstance(self.input, str) else self.input
+        if not items:
+            raise ValueError("input: give at least one string")
+        out = []
+        for i, item in enumerate(items):
+            if isinstance(item, dict):
+                if item.get("type") != "text" or not isinstance(item.get("text"), str):
+                    raise ValueError(f"input[{i}]: only text parts ({{'type': 'text', 'text': ...}}) are supported")
+                item = item["text"]
+            out.append(item)
+        return out

