@@ -41,6 +41,7 @@ from serve.moderation.rules import redact
 from serve.serve_config import ModelSpec, ServeConfig
 
 log = logging.getLogger(__name__)
+MAX_MODERATION_INPUTS = 64  # texts per POST /v1/moderations (one embedding batch stays short)
 app = FastAPI(title="AeroLLMs gateway", version="1")
 
 
@@ -560,6 +561,9 @@ class Gateway:
             texts = body.texts()
         except ValueError as exc:
             raise APIError(400, str(exc), param="input") from None
+        if len(texts) > MAX_MODERATION_INPUTS:
+            raise APIError(400, f"input has {len(texts)} items; send at most {MAX_MODERATION_INPUTS} per request",
+                           param="input")
         for i, t in enumerate(texts):
             if len(t) > self.mcfg.max_input_chars:
                 raise APIError(400, f"input[{i}] has {len(t)} characters; the limit is {self.mcfg.max_input_chars}",

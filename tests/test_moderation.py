@@ -123,3 +123,18 @@ def test_the_pipelines_classifier_is_evaluated_on_held_out_examples(post_run):
     assert ev["recall_harmful"] >= 0.7 and ev["fpr_benign"] <= 0.15
     assert ev["per_category"]["pii"]["recall"] == 1.0 and ev["per_category"]["secrets"]["recall"] == 1.0
     assert ev["latency_ms"]["p95"] > 0
+    meta = json.loads((post_run / "moderation" / "classifier" / "classifier.json").read_text())
+    assert meta["threshold"] == ev["threshold"] and meta["cv"]["fpr"] <= meta["cv"]["target_fpr"]
+
+
+@pytest.mark.slow
+def test_a_guard_model_is_asked_and_an_unparsable_answer_is_not_trusted(post_run):
+    from serve.moderation.moderator import Moderator
+
+    cfg = ModerationConfig(guard_model=str(post_run / "sft" / "model"), guard_max_new_tokens=4)
+    moderator = Moderator(cfg, str(post_run / "moderation" / "classifier"), guard_dir=cfg.guard_model)
+    verdict = moderator.screen(["How do I sort a list in Python?"], "input")[0]
+    guard = moderator.guard
+    assert guard.calls == 1
+    # The tiny model does not answer in the Llama Guard format: counted, and nothing is flagged for it.
+    assert guard.unparsed == 1 and not verdict.flagged

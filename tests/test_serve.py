@@ -245,7 +245,7 @@ def test_moderations_endpoint_speaks_openais_schema(gateway):
     assert bad["flagged"] and any(bad["categories"][c] for c in ("harassment", "harassment/threatening", "violence"))
     assert not fine["flagged"] and not any(fine["categories"].values())
     assert pii["categories"]["pii"] and pii["category_scores"]["pii"] == 1.0
-    for bad_input in ([], [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}], "x" * 40_000):
+    for bad_input in ([], [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}], "x" * 40_000, ["a"] * 65):
         with pytest.raises(openai.BadRequestError):
             client.moderations.create(input=bad_input)
 

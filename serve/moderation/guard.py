@@ -66,7 +66,7 @@ class Guard:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = load_causal_lm(model_dir).eval()
         self.max_new_tokens = max_new_tokens
-        self.unparsed = 0
+        self.calls = self.unparsed = 0
 
     def categories(self, text: str, direction: str) -> list[str]:
         chat = [{"role": "user", "content": guard_prompt(text, direction)}]
@@ -80,6 +80,7 @@ class Guard:
         with self.torch.no_grad():
             out = self.model.generate(ids, max_new_tokens=self.max_new_tokens, do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        self.calls += 1
         answer = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         found = parse_answer(answer)
         if found is None:

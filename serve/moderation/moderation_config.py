@@ -52,9 +52,10 @@ class ModerationConfig(StrictModel):
     enabled: bool = True
     classifier: str = Field(default="moderation",
                             description="stage name (its `classifier` output) or a folder with classifier.safetensors")
-    classifier_threshold: float = Field(
-        default=0.6, gt=0, le=1, description="a text whose probability of being harmful (1 - P(benign)) reaches "
-                                             "this is flagged in its most likely category")
+    classifier_threshold: float | None = Field(
+        default=None, gt=0, le=1, description="a text whose probability of being harmful (1 - P(benign)) reaches "
+                                              "this is flagged in its most likely category (default: the operating "
+                                              "point the `moderation` stage chose by cross-validation)")
     policy: dict[str, CategoryPolicy] = Field(default_factory=dict, description="per-category overrides")
     refusal_message: str | None = Field(
         default=None, description="when set, a blocked input is answered with this text (finish_reason "

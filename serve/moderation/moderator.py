@@ -42,6 +42,7 @@ class Moderator:
         self.cfg = cfg
         self.classifier = Classifier.load(classifier_dir)
         self.featurize = featurizer or Featurizer()
+        self.threshold = cfg.classifier_threshold or float(self.classifier.meta.get("threshold", 0.5))
         self.guard = None
         if guard_dir:
             from serve.moderation.guard import Guard
@@ -88,7 +89,7 @@ class Moderator:
                 if c in PARENT:
                     scores[PARENT[c]] = 1.0
         flagged = {c: scores[c] >= self.cfg.rule(c).threshold for c in CATEGORIES}
-        if row[-1] >= self.cfg.classifier_threshold:  # harmful overall: its most likely category
+        if row[-1] >= self.threshold:  # harmful overall: its most likely category
             top = max(LEARNED, key=lambda c: (scores[c], "/" not in c))
             flagged[top] = True
             if top in PARENT:

@@ -26,6 +26,9 @@ class ModerationStageConfig(StrictModel):
     labeled: list[str] = Field(default_factory=list, description="more labeled JSONL files ({text, labels, lang})")
     heldout_every: int = Field(default=4, ge=2, description="every k-th example per class is held out")
     c: float = Field(default=16.0, gt=0, description="inverse regularization of the logistic regression")
+    target_fpr: float = Field(default=0.05, gt=0, lt=1,
+                              description="the operating point: false-positive rate on benign training examples "
+                                          "in cross-validation")
 
 
 def labeled_files(cfg: ModerationStageConfig) -> list[Path]:
@@ -71,7 +74,10 @@ def evaluate(moderator, heldout) -> dict:
 
 
 def table(ev: dict) -> str:
-    lines = [f"Held-out: {ev['harmful']} harmful, {ev['benign']} benign. **Recall on harmful {ev['recall_harmful']}**, "
+    lines = [f"Trained on {ev['train']} examples; operating point P(not benign) >= {ev['threshold']} (chosen by "
+             f"5-fold CV on the training part for FPR <= {ev['cv']['target_fpr']}: CV recall {ev['cv']['recall']}, "
+             f"CV FPR {ev['cv']['fpr']}).", "",
+             f"Held-out: {ev['harmful']} harmful, {ev['benign']} benign. **Recall on harmful {ev['recall_harmful']}**, "
              f"**false-positive rate on benign {ev['fpr_benign']}**, latency p50 {ev['latency_ms']['p50']} ms / "
              f"p95 {ev['latency_ms']['p95']} ms per request.", "",
              "| category | n | precision | recall | FPR |", "|---|---|---|---|---|"]
@@ -91,10 +97,11 @@ def train_and_evaluate(cfg: ModerationStageConfig, out: Path) -> dict:
     examples = [e for path in labeled_files(cfg) for e in load_labeled(path)]
     train_set, heldout = split(examples, cfg.heldout_every)
     featurizer = Featurizer()
-    classifier = train(train_set, featurizer, c=cfg.c)
+    classifier = train(train_set, featurizer, c=cfg.c, target_fpr=cfg.target_fpr)
     classifier.save(out / "classifier")
     moderator = Moderator(ModerationConfig(), str(out / "classifier"), featurizer=featurizer)
-    ev = {"train": len(train_set), **evaluate(moderator, heldout)}
+    ev = {"train": len(train_set), "threshold": moderator.threshold, "cv": classifier.meta["cv"],
+          **evaluate(moderator, heldout)}
     atomic_write_text(out / "eval.json", json.dumps(ev, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out / "eval.md", table(ev))
     return ev
