@@ -7,9 +7,11 @@ its dashboard. It is stopped with `aero cluster down` at the end of the session.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,7 +49,11 @@ def ray_cluster():
     if ray.is_initialized():
         ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None)
+    session = (Path(tempfile.gettempdir()) / "ray" / "session_latest").resolve()
     aero("cluster", "down")
+    # The job-submission tests pip-install the project into job environments (~3 GB per
+    # session); left behind, a few sessions fill the disk. Logs stay for debugging.
+    shutil.rmtree(session / "runtime_resources", ignore_errors=True)
 
 
 @pytest.fixture
