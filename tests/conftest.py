@@ -37,6 +37,8 @@ def aero(*args: str, cwd: Path = REPO, timeout: float = 300, env: dict | None = 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    sessions = Path(tempfile.gettempdir()) / "ray"
+    before = set(sessions.glob("session_2*"))
     port, dashboard_port = free_port(), free_port()
     os.environ["RAY_AUTH_MODE"] = "token"
     up = aero("cluster", "up", f"--port={port}", f"--dashboard-port={dashboard_port}", "--num-cpus=2")
@@ -49,11 +51,11 @@ def ray_cluster():
     if ray.is_initialized():
         ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None)
-    session = (Path(tempfile.gettempdir()) / "ray" / "session_latest").resolve()
     aero("cluster", "down")
     # The job-submission tests pip-install the project into job environments (~3 GB per
     # session); left behind, a few sessions fill the disk. Logs stay for debugging.
-    shutil.rmtree(session / "runtime_resources", ignore_errors=True)
+    for session in set(sessions.glob("session_2*")) - before:
+        shutil.rmtree(session / "runtime_resources", ignore_errors=True)
 
 
 @pytest.fixture
