@@ -114,7 +114,6 @@ class BatchKV:
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, stop_token_ids: set[int] | None = None):
-
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
         eos = model.generation_config.eos_token_id if model.generation_config else None

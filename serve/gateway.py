@@ -75,6 +75,11 @@ def _cancel(stream) -> None:
         pass
 
 
+def _blocked(verdicts: list[dict]) -> list[str]:
+    """The categories whose policy blocks, over moderation verdicts."""
+    return sorted({c for v in verdicts for c, action in v["actions"].items() if action == "block"})
+
+
 class _Flagged(Exception):
     """A screened window of streamed output was blocked."""
 
@@ -449,7 +454,7 @@ class Gateway:
                 raise APIError(400, f"{param}[{i}] has {len(t)} characters; moderation screens at most "
                                     f"{self.mcfg.max_input_chars}", param=param, code="input_too_long")
         verdicts = await self._moderate(texts, "input", context)
-        blocked = sorted({c for v in verdicts for c in v["blocked"]})
+        blocked = _blocked(verdicts)
         if blocked:
             err = APIError(400, f"the input was flagged by moderation ({', '.join(blocked)}) and was not sent to "
                                 f"the model", param=param, code="content_policy_violation")
@@ -521,7 +526,7 @@ class Gateway:
                 return evs
             v = (await self._moderate([tail[i] + text], "output", context))[0]
             if v["action"] == "block":
-                raise _Flagged(v["blocked"])
+                raise _Flagged(_blocked([v]))
             tail[i] = (tail[i] + text)[-window:]
             if v["action"] == "redact":
                 cats = {c for c, f in v["categories"].items() if f}

@@ -11,7 +11,7 @@ import pytest
 
 from cluster.errors import UserError
 from serve.moderation.audit import AuditLog, parse_window, report
-from serve.moderation.classifier import WINDOW_CHARS, load_labeled, split, windows
+from serve.moderation.classifier import CHUNK_CHARS, chunks, load_labeled, split
 from serve.moderation.guard import parse_answer
 from serve.moderation.moderation_config import CATEGORIES, OPENAI_CATEGORIES, Action, ModerationConfig
 from serve.moderation.rules import redact, screen_rules
@@ -50,14 +50,14 @@ def test_look_alikes_do_not_fire(text):
     assert screen_rules(text).scores == {}
 
 
-@pytest.mark.parametrize("n", [10, WINDOW_CHARS, WINDOW_CHARS + 1, 1500, 10_007])
+@pytest.mark.parametrize("n", [10, CHUNK_CHARS, CHUNK_CHARS + 1, 1500, 10_007])
 def test_chunks_cover_a_long_text_and_cut_at_sentence_ends(n):
     text = "".join(chr(0x4E00 + i % 20000) for i in range(n))  # no sentence end: fixed pieces
-    parts = windows(text)
-    assert all(len(p) <= WINDOW_CHARS for p in parts) and "".join(parts) == text
+    parts = chunks(text)
+    assert all(len(p) <= CHUNK_CHARS for p in parts) and "".join(parts) == text
     prose = " ".join(f"Sentence number {i} is here." for i in range(200))
-    chunks = windows(prose)
-    assert len(chunks) == 200 and all(c.endswith(".") for c in chunks) and " ".join(chunks) == prose
+    sentences = chunks(prose)
+    assert len(sentences) == 200 and all(c.endswith(".") for c in sentences) and " ".join(sentences) == prose
 
 
 def test_redaction_replaces_only_what_the_policy_redacts():

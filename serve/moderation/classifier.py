@@ -32,7 +32,7 @@ from serve.moderation.moderation_config import CATEGORIES, OPENAI_CATEGORIES, PA
 
 LABELED = Path(__file__).with_name("labeled.jsonl")
 LEARNED = OPENAI_CATEGORIES + ("prompt_injection",)  # pii and secrets are rules only
-WINDOW_CHARS = 256
+CHUNK_CHARS = 256
 _SENTENCE_END = re.compile(r"(?<=[.!?。])\s+|\n+")
 _LEET = str.maketrans({"@": "a", "4": "a", "$": "s", "5": "s", "0": "o", "1": "i", "!": "i", "3": "e", "7": "t"})
 
@@ -111,34 +111,34 @@ class Embedder:
         return self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
 
 
-def windows(text: str) -> list[str]:
-    """A long text's sentences and lines (pieces of at most WINDOW_CHARS): a mean-pooled
+def chunks(text: str) -> list[str]:
+    """A long text's sentences and lines (pieces of at most CHUNK_CHARS): a mean-pooled
     embedding of a long window drowns one harmful sentence in benign ones (measured: a threat
     after 5 KB of documentation was missed with 1000- and 400-char windows), so a long text is
     scored per sentence and its score is its worst sentence's."""
-    if len(text) <= WINDOW_CHARS:
+    if len(text) <= CHUNK_CHARS:
         return [text]
     pieces = []
     for sentence in _SENTENCE_END.split(text):
-        while len(sentence) > WINDOW_CHARS:  # one very long sentence: fixed-size pieces
-            pieces.append(sentence[:WINDOW_CHARS])
-            sentence = sentence[WINDOW_CHARS:]
+        while len(sentence) > CHUNK_CHARS:  # one very long sentence: fixed-size pieces
+            pieces.append(sentence[:CHUNK_CHARS])
+            sentence = sentence[CHUNK_CHARS:]
         if sentence.strip():
             pieces.append(sentence)
     return pieces
 
 
 class Featurizer:
-    """text -> [embedding (384), lexicon feature]; one per window."""
+    """text -> [embedding (384), lexicon feature]; one per chunk."""
 
     def __init__(self):
         self.embedder, self.lexicon = Embedder(), Lexicon()
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        """Features of every window, and the owner text of each window."""
+        """Features of every chunk, and the owner text of each chunk."""
         parts, owner = [], []
         for i, t in enumerate(texts):
-            for w in windows(t):
+            for w in chunks(t):
                 parts.append(w)
                 owner.append(i)
         emb = self.embedder.encode(parts)
@@ -162,13 +162,13 @@ class Classifier:
         return probs / probs.sum(axis=1, keepdims=True)
 
     def scores(self, features: np.ndarray, owner: list[int], n: int) -> np.ndarray:
-        """[n texts, LEARNED categories] probabilities, max over each text's windows."""
+        """[n texts, LEARNED categories] probabilities, max over each text's chunks."""
         out = np.zeros((n, len(LEARNED)), dtype=np.float32)
         np.maximum.at(out, np.asarray(owner), self.probs(features) @ self.members.T)
         return out
 
     def harmful(self, features: np.ndarray, owner: list[int], n: int) -> np.ndarray:
-        """[n] probability of not benign, max over each text's windows."""
+        """[n] probability of not benign, max over each text's chunks."""
         out = np.zeros(n, dtype=np.float32)
         np.maximum.at(out, np.asarray(owner), 1.0 - self.probs(features)[:, 0])
         return out
@@ -203,14 +203,14 @@ def primary(e: Example) -> str:
 
 
 def train(examples: list[Example], featurizer: Featurizer, c: float = 16.0, target_fpr: float = 0.05) -> Classifier:
-    """Fit the softmax regression (scikit-learn, lbfgs) on every window of every example, and
+    """Fit the softmax regression (scikit-learn, lbfgs) on every chunk of every example, and
     pick its operating point: the lowest P(not benign) threshold whose false-positive rate on
     benign examples, in 5-fold cross-validation on the training data only, is <= target_fpr."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     x, owner = featurizer([e.text for e in examples])
-    y = [primary(examples[i]) for i in owner]  # a long text's windows share its class
+    y = [primary(examples[i]) for i in owner]  # a long text's chunks share its class
     classes = ("benign",) + tuple(c_ for c_ in LEARNED if c_ in set(y))
     missing = [c_ for c_ in LEARNED if c_ not in classes and not any(PARENT.get(k) == c_ for k in classes)]
     if missing or "benign" not in set(y):

@@ -49,13 +49,11 @@ class ModerationServer:
         verdicts = [v.to_dict() for v in self.moderator.screen(texts, policy_direction, np.stack(rows) if rows else None)]
         for text, v in zip(texts, verdicts):
             self.screened.inc(tags={"direction": direction, "action": v["action"]})
-            for c, f in v["categories"].items():
-                if f:
-                    action = getattr(self.cfg.rule(c), policy_direction).value
-                    self.decisions.inc(tags={"direction": direction, "category": c, "action": action})
+            for c, action in v["actions"].items():
+                self.decisions.inc(tags={"direction": direction, "category": c, "action": action})
             self.audit.write(text=text, direction=direction, verdict=v, context=context or {})
         self.latency.observe(time.monotonic() - started, tags={"direction": direction})
         return verdicts
 
-    def check_health(self) -> None:
-        self.moderator.classify(["health"])
+    async def check_health(self) -> None:
+        await self._classify("health")  # through the batch: the moderator's cache is used by one thread

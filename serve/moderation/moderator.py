@@ -27,8 +27,8 @@ class Verdict:
     flagged: bool
     categories: dict[str, bool]
     scores: dict[str, float]
-    action: str                      # allow | log | redact | block
-    blocked: list[str] = field(default_factory=list)   # categories whose policy blocks
+    action: str                      # allow | log | redact | block: the strongest of `actions`
+    actions: dict[str, str] = field(default_factory=dict)  # flagged category -> its policy's action
     text: str | None = None          # the redacted text when action == redact
     kinds: dict[str, int] = field(default_factory=dict)  # rule hits by kind (never the matched text)
 
@@ -97,7 +97,7 @@ class Moderator:
         actions = {c: getattr(self.cfg.rule(c), direction).value for c, f in flagged.items() if f}
         action = max(actions.values(), key=_RANK.__getitem__, default="allow")
         verdict = Verdict(flagged=bool(actions), categories=flagged, scores={c: round(s, 4) for c, s in scores.items()},
-                          action=action, blocked=sorted(c for c, a in actions.items() if a == Action.block.value),
+                          action=action, actions=actions,
                           kinds=dict(found.kinds))
         if action == Action.redact.value:
             verdict.text = redact(text, pii=actions.get("pii") == "redact", secrets=actions.get("secrets") == "redact")
