@@ -138,6 +138,17 @@ def test_the_pipelines_classifier_is_evaluated_on_held_out_examples(post_run):
 
 
 @pytest.mark.slow
+def test_fragments_without_words_are_left_to_the_rules(post_run):
+    from serve.moderation.moderator import Moderator
+
+    moderator = Moderator(ModerationConfig(), str(post_run / "moderation" / "classifier"))
+    assert not moderator.classify(["s.", "\n\n\n", "!!", "k\u200b."]).any()  # "s." once scored 0.68 harmful
+    assert moderator.classify(["ok", "How do I sort a list?"]).all(axis=1).any()
+    verdict = moderator.screen(["a\u202e"], "input")[0]  # a bidi override: 1 letter, still a rule hit
+    assert verdict.categories["prompt_injection"] and verdict.action == "block"
+
+
+@pytest.mark.slow
 def test_a_guard_model_is_asked_and_an_unparsable_answer_is_not_trusted(post_run):
     from serve.moderation.moderator import Moderator
 

@@ -29,14 +29,19 @@ def gateway(post_run, tmp_path_factory):
     from cluster.runner import run_stage
     from serve.app import build_app
     from serve.gateway import key_digest
+    from serve.moderation.moderation_config import OPENAI_CATEGORIES
     from serve.serve_config import ServeConfig
 
     port = free_port()
     os.environ["AERO_API_KEYS"] = f"{KEY},other-key"
     os.environ["AERO_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
     base = f"http://127.0.0.1:{port}"
+    # The test models are barely trained and emit fragments ("s.", "thes thes.") that the classifier may
+    # misread; here outputs are only logged, and the strict app below checks output blocking on a model
+    # whose output is known.
     section = {
         "port": port, "ingress": {**LIGHT, "max_ongoing_requests": 64, "max_queued_requests": 64},
+        "moderation": {"policy": {c: {"output": "log"} for c in OPENAI_CATEGORIES}},
         "models": [
             {"name": "sft", "source": "sft", "deployment": LIGHT},
             {"name": "awq", "source": "quantize", "deployment": LIGHT},
@@ -52,17 +57,41 @@ def gateway(post_run, tmp_path_factory):
                                            "models": [{"name": "up-sft", "source": "x", "deployment": LIGHT}]})
     serve.run(build_app(upstream, {"up-sft": str(post_run / "sft" / "model")}, [key_digest(UPSTREAM_KEY)]),
               name="upstream", route_prefix="/upstream", blocking=False)
-    # A third app whose output policy flags any text (threshold ~0): every answer is blocked.
+    # A third app whose output policy flags any text with words (threshold ~0), serving a model that
+    # always says " list": every answer is blocked.
     strict = ServeConfig.model_validate({
         "app_name": "strict", "port": port, "route_prefix": "/strict", "ingress": LIGHT, "auth": {"enabled": False},
         "models": [{"name": "sft", "source": "x", "deployment": LIGHT}],
         "moderation": {"deployment": LIGHT, "policy": {"violence": {"input": "log", "output": "block", "threshold": 1e-9}}}})
-    serve.run(build_app(strict, {"sft": str(post_run / "sft" / "model"),
+    said = _one_word_model(post_run / "sft" / "model", tmp_path_factory.mktemp("one-word"), " list")
+    serve.run(build_app(strict, {"sft": str(said),
                                  "moderation:classifier": str(post_run / "moderation" / "classifier")}, []),
               name="strict", route_prefix="/strict", blocking=False)
     _wait_ready(base)
     yield {"base": base, "manifest": manifest, "stage": post_run / "serve"}
     serve.shutdown()
+
+
+def _one_word_model(src, dst, word: str):
+    """A Llama model with `src`'s tokenizer that answers every prompt with `word` repeated: embeddings
+    of ones, attention and MLP outputs zeroed, and an output head that reads only `word`'s token."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(src)
+    (token,) = tok.encode(word, add_special_tokens=False)
+    cfg = AutoConfig.from_pretrained(src)
+    cfg.tie_word_embeddings = False
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight.fill_(1.0)
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight[token] = 1.0
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
 
 
 def _wait_ready(base: str, timeout: float = 180) -> None:
@@ -131,9 +160,8 @@ def test_completions_stop_strings_echo_and_prompt_logprobs(gateway):
     prompt = "The list type is"
     free = client.completions.create(model="sft", prompt=prompt, max_tokens=24, temperature=0)
     text = free.choices[0].text
-    words = text.split()
-    assert len(words) >= 3, text
-    stop = " " + words[2]
+    assert len(text) >= 4, text
+    stop = text[2:4]  # whatever the model says (a barely trained one may say "s\n\n\n")
     cut = client.completions.create(model="sft", prompt=prompt, max_tokens=24, temperature=0, stop=[stop])
     assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
 
