@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup browser demo test test-fast clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,10 +16,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Headless Chromium + chromedriver for the page tests (Debian packages; skipped when present).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+
 demo: setup
 	$(VENV)/bin/aero pipeline configs/tiny-cpu.yaml
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -24,6 +24,9 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(runs_app, name="runs")
 app.add_typer(moderation_app, name="moderation")
+feedback_app = typer.Typer(help="Human feedback from the chat / Q&A pages: export for post-training.",
+                           no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
 
 JOBS_ADDRESS_HELP = "Ray dashboard URL (default: RAY_ADDRESS if http, else http://127.0.0.1:8265)."
 # Arguments shared by the commands that run recipes.
@@ -186,6 +189,36 @@ def moderation_report(
         path = Path(configured) if configured else recipe.run_dir / "serve" / "moderation_audit.jsonl"
     rep = report(path.expanduser(), parse_window(since))
     typer.echo(json.dumps(rep, indent=2) if as_json else report_text(rep))
+
+
+@feedback_app.command("export")
+@user_errors
+def feedback_export(
+    source: Annotated[str, typer.Argument(help="A recipe (its serve stage's feedback database), a SQLite file or a "
+                                               "SQLAlchemy URL.")],
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: the run's feedback/ folder, or ./feedback)."),
+) -> None:
+    """Write preferences.jsonl (prompt/chosen/rejected) and sft.jsonl (messages) from stored feedback:
+    list them under chat_data.preference_files / sft_files to train on them."""
+    from serve.feedback.export import export
+    from serve.feedback.store import sqlite_url
+
+    if source.endswith((".yaml", ".yml")):
+        recipe = _recipe(Path(source), [], [], None)
+        url = recipe.stage_config("serve").feedback.database or sqlite_url(recipe.run_dir / "serve" / "feedback.db")
+        out = out or recipe.run_dir / "feedback"
+    elif "://" in source:
+        url = source
+    else:
+        if not Path(source).expanduser().is_file():
+            raise UserError(f"{source}: no such feedback database (give a recipe, a SQLite file or a SQLAlchemy URL)")
+        url = sqlite_url(source)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no feedback database at {url.removeprefix('sqlite:///')} (is the serve stage running?)")
+    stats = export(url, out or Path("feedback"))
+    typer.echo(f"feedback: {stats['preference_pairs']} preference pairs -> {stats['preferences']}; "
+               f"{stats['sft_examples']} SFT examples -> {stats['sft']} (from {stats['replies']} replies, "
+               f"{stats['ratings']} ratings, {stats['comparisons']} comparisons; skipped {stats['skipped'] or 'none'})")
 
 
 @app.command()

@@ -25,6 +25,7 @@ STAGE_TABLE: dict[str, str] = {
     "sparsify": "jobs.sparsify:STAGE",
     "quantize": "jobs.quantize:STAGE",
     "moderation": "serve.moderation.stage:STAGE",
+    "qa_index": "serve.qa.stage:STAGE",
     "serve": "serve.app:STAGE",
     "tune": "tune.search:STAGE",
 }

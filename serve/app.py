@@ -35,9 +35,10 @@ def api_key_digests(auth: AuthConfig) -> list[str]:
 
 
 def build_app(cfg: ServeConfig, paths: dict[str, str], digests: list[str]):
-    """The Serve application: one LLMServer deployment per local model, the moderation
-    deployment, the gateway in front. `paths` maps model names (and, with moderation on,
-    `moderation:classifier`, `moderation:guard`, `moderation:audit`) to folders / files."""
+    """The Serve application: one LLMServer deployment per local model, the moderation and
+    retriever deployments, the gateway in front. `paths` maps model names (and, with
+    moderation on, `moderation:classifier`, `moderation:guard`, `moderation:audit`; with Q&A
+    on, `qa:index`; with feedback on, `feedback:db`, a SQLAlchemy URL) to folders / files."""
     from ray import serve
 
     from serve.gateway import Gateway
@@ -67,8 +68,15 @@ def build_app(cfg: ServeConfig, paths: dict[str, str], digests: list[str]):
         deployment = serve.deployment(ModerationServer, name="moderation", **options(cfg.moderation.deployment))
         moderation = deployment.bind(cfg.moderation.model_dump(mode="json"), paths[CLASSIFIER],
                                      paths.get(GUARD), paths.get(AUDIT))
+    retriever = None
+    if cfg.qa.index:
+        from serve.qa.deployment import Retriever
+
+        deployment = serve.deployment(Retriever, name="retriever", **options(cfg.qa.deployment))
+        retriever = deployment.bind(paths[QA_INDEX])
     gateway = serve.deployment(Gateway, name="gateway", **ingress_options)
-    return gateway.bind(cfg.model_dump(mode="json"), handles, digests, moderation)
+    return gateway.bind(cfg.model_dump(mode="json"), handles, digests, moderation, retriever,
+                        paths.get(FEEDBACK) if cfg.feedback.enabled else None)
 
 
 def app_builder(args: dict[str, Any]):
@@ -78,12 +86,15 @@ def app_builder(args: dict[str, Any]):
 
 
 CLASSIFIER, GUARD, AUDIT = "moderation:classifier", "moderation:guard", "moderation:audit"
+QA_INDEX, FEEDBACK = "qa:index", "feedback:db"
 
 
 def model_paths(ctx: StageContext, cfg: ServeConfig) -> dict[str, str]:
-    """Folders of the local models and of the moderation classifier / guard model, and the
-    audit log file (stage names resolve to their outputs in this run)."""
+    """Folders of the local models, the moderation classifier / guard model and the Q&A index,
+    the audit log file and the feedback database (stage names resolve to their outputs in
+    this run)."""
     from jobs.posttrain import _is_folder, model_dir
+    from serve.feedback.store import sqlite_url
 
     paths = {m.name: str(model_dir(ctx, m.source).resolve()) for m in cfg.models if m.source}
     mod = cfg.moderation
@@ -93,6 +104,11 @@ def model_paths(ctx: StageContext, cfg: ServeConfig) -> dict[str, str]:
         if mod.guard_model:
             paths[GUARD] = str(model_dir(ctx, mod.guard_model).resolve())
         paths[AUDIT] = str(Path(mod.audit_log or ctx.stage_dir / "moderation_audit.jsonl").expanduser().resolve())
+    if cfg.qa.index:
+        ref = cfg.qa.index
+        paths[QA_INDEX] = str((Path(ref) if _is_folder(ref) else ctx.upstream_output(ref, "index")).expanduser().resolve())
+    if cfg.feedback.enabled:
+        paths[FEEDBACK] = cfg.feedback.database or sqlite_url(ctx.stage_dir / "feedback.db")
     return paths
 
 
@@ -119,9 +135,12 @@ def run(ctx: StageContext, cfg: ServeConfig) -> StageResult:
     url = deploy(cfg, paths)
     atomic_write_text(ctx.stage_dir / "serve_config.yaml", yaml.safe_dump(serve_deploy_config(cfg, paths), sort_keys=False))
     endpoint = {"url": url, "openai_base_url": f"{url}/v1", "models": [m.name for m in cfg.models], "paths": paths,
-                "moderation": cfg.moderation.enabled, "audit_log": paths.get(AUDIT)}
+                "moderation": cfg.moderation.enabled, "audit_log": paths.get(AUDIT),
+                "pages": {"chat": f"{url}/chat", "qa": f"{url}/qa"} if cfg.pages.enabled else None,
+                "feedback_db": paths.get(FEEDBACK)}
     atomic_write_text(ctx.stage_dir / "endpoint.json", json.dumps(endpoint, indent=2) + "\n")
-    print(f"aero: serving {', '.join(endpoint['models'])} at {url}/v1 (OpenAI-compatible)")
+    print(f"aero: serving {', '.join(endpoint['models'])} at {url}/v1 (OpenAI-compatible)"
+          + (f"; chat page {url}/chat, Q&A page {url}/qa" if cfg.pages.enabled else ""))
     return StageResult(outputs={"endpoint": ctx.stage_dir / "endpoint.json",
                                 "serve_config": ctx.stage_dir / "serve_config.yaml"})
 
@@ -132,6 +151,8 @@ def _inputs(ctx: StageContext, cfg: ServeConfig) -> dict[str, str]:
     refs = [m.source for m in cfg.models if m.source]
     if cfg.moderation.enabled:
         refs += [cfg.moderation.classifier] + ([cfg.moderation.guard_model] if cfg.moderation.guard_model else [])
+    if cfg.qa.index:
+        refs.append(cfg.qa.index)
     return {f"stage:{ref}": ctx.upstream(ref).output_id for ref in refs if not _is_folder(ref)}
 
 

@@ -6,7 +6,10 @@ handle); remote upstreams (any OpenAI-compatible server) through httpx, so one g
 both with the same keys, limits and moderation. API keys reach the replicas only as SHA-256
 digests. With moderation on, every input is screened by the moderation deployment before a
 model sees it, and output is screened before the client does: whole answers, or streamed
-text held back and screened in windows.
+text held back and screened in windows. Requests that set `store: true` are kept in the
+feedback database. The Q&A, feedback and page routes live in their own modules
+(`serve/qa/routes.py`, `serve/feedback/routes.py`, `serve/pages/routes.py`) as bases of
+`Gateway`, on the same FastAPI app (`serve/api_app.py`).
 """
 
 
@@ -20,10 +23,11 @@ import os
 import time
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Request
+from fastapi.responses import StreamingResponse
 from ray import serve
+
+from serve.api_app import app
 
 from serve.openai_api import (
     APIError,
@@ -37,32 +41,18 @@ from serve.openai_api import (
     sse,
     usage,
 )
+from serve.feedback.routes import FeedbackRoutes
 from serve.moderation.rules import redact
+from serve.pages.routes import PageRoutes
+from serve.qa.routes import QARoutes
 from serve.serve_config import ModelSpec, ServeConfig
 
 log = logging.getLogger(__name__)
 MAX_MODERATION_INPUTS = 64  # texts per POST /v1/moderations (one embedding batch stays short)
-app = FastAPI(title="AeroLLMs gateway", version="1")
 
 
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.strip().encode()).hexdigest()
-
-
-@app.exception_handler(APIError)
-async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", []) if p != "body"]
-    message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        message, param = f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
-    return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
 
 
 def _cancel(stream) -> None:
@@ -89,13 +79,23 @@ class _Flagged(Exception):
 
 
 @serve.ingress(app)
-class Gateway:
-    def __init__(self, config: dict[str, Any], handles: dict[str, Any], key_digests: list[str], moderation=None):
+class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
+    def __init__(self, config: dict[str, Any], handles: dict[str, Any], key_digests: list[str], moderation=None,
+                 retriever=None, feedback_url: str | None = None):
         import httpx
 
         from serve.metrics import ServeMetrics
 
         self.cfg = ServeConfig.model_validate(config)
+        self.retriever = retriever
+        self.feedback = None
+        if self.cfg.feedback.enabled and feedback_url:
+            from serve.feedback.store import FeedbackStore
+
+            self.feedback = FeedbackStore(feedback_url)
+        self.templates: dict[str, Any] = {}
+        self.chat_template = self._template(self.cfg.pages.chat_template, {"question"})
+        self.qa_template = self._template(self.cfg.qa.template, {"question", "passages"}) if retriever else None
         self.specs: dict[str, ModelSpec] = {m.name: m for m in self.cfg.models}
         self.handles = handles
         self.moderation = moderation if self.cfg.moderation.enabled else None
@@ -169,17 +169,31 @@ class Gateway:
         screened = await self._screen_input(texts, "messages", context)
         if isinstance(screened, APIError):
             return self._refusal(body, chat=True)
+        if body.store and self.feedback is not None:
+            context["store"] = {"endpoint": "chat", "template": (body.metadata or {}).get("prompt_template"),
+                                "messages": [{"role": "system" if m.role == "developer" else m.role, "content": t}
+                                             for m, t in zip(body.messages, screened)]}
+        payload = None
         if spec.upstream:
             payload = await request.json()
             for i, text in enumerate(screened):
                 if text != texts[i]:  # redacted
                     payload["messages"][i]["content"] = text
-            return await self._remote(spec, "/chat/completions", payload, body, context)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": text}
                     for m, text in zip(body.messages, screened)]
+        return await self._chat(spec, body, messages, context, payload)
+
+    async def _chat(self, spec: ModelSpec, body: ChatRequest, messages: list[dict[str, str]], context: dict[str, Any],
+                    payload: dict[str, Any] | None = None):
+        """A chat completion of already-screened messages, from a local model or an upstream."""
+        if spec.upstream:
+            payload = payload or {**body.model_dump(exclude_none=True, exclude={"store", "metadata"}),
+                                  "messages": messages}
+            return await self._remote(spec, "/chat/completions", payload, body, context)
         max_tokens = body.max_completion_tokens or body.max_tokens or spec.default_max_tokens
         req = {"kind": "chat", "messages": messages, "n": body.n, "params": self._params(
-            body, max_tokens, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)}
+            body, max_tokens, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0),
+            "max_tokens_default": not (body.max_completion_tokens or body.max_tokens)}
         return await self._local(spec, req, body, chat=True, context=context)
 
     @app.post("/v1/completions")
@@ -196,7 +210,8 @@ class Gateway:
             return await self._remote(spec, "/completions", {**await request.json(), "prompt": body.prompt}, body, context)
         max_tokens = body.max_tokens or spec.default_max_tokens
         req = {"kind": "completion", "prompt": body.prompt, "n": body.n, "params": self._params(
-            body, max_tokens, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, echo=body.echo)}
+            body, max_tokens, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, echo=body.echo),
+            "max_tokens_default": not body.max_tokens}
         return await self._local(spec, req, body, chat=False, context=context)
 
     @staticmethod
@@ -232,12 +247,15 @@ class Gateway:
         if body.stream:
             if self.moderation is not None:
                 events = self._screened(events, context)
+            if "store" in context:
+                events = self._recorded(events, rid, body.n, context)
             return StreamingResponse(self._sse(spec, events, stream, body, rid, created, chat, started),
                                      media_type="text/event-stream")
         status = 499  # unless set below: the client went away (the handler was cancelled)
         try:
             result = await asyncio.wait_for(self._collect(events, body, rid, created, chat), self.cfg.request_timeout_s)
             await self._screen_output(result, chat, context)
+            await self._store(rid, result, context)
             status = 200
         except asyncio.TimeoutError:
             status = 504
@@ -394,6 +412,7 @@ class Gateway:
                 await response.aclose()
                 self._release(spec, 200)
             await self._screen_output(data, chat, context)
+            await self._store(data.get("id") or new_id("chatcmpl"), data, context)
             return {**data, "model": spec.name}
 
         async def chunks() -> AsyncIterator[dict]:
@@ -410,11 +429,14 @@ class Gateway:
                 c = choices[0]
                 text = (c.get("delta") or {}).get("content") or "" if chat else c.get("text") or ""
                 kind = "done" if c.get("finish_reason") else "delta"
-                yield {"type": kind, "index": c.get("index", 0), "text": text, "tokens": [], "chunk": chunk}
+                yield {"type": kind, "index": c.get("index", 0), "text": text, "tokens": [], "chunk": chunk,
+                       "finish_reason": c.get("finish_reason")}
 
         async def relay() -> AsyncIterator[str]:
             try:
                 events = chunks() if self.moderation is None else self._screened(chunks(), context)
+                if "store" in context:
+                    events = self._recorded(events, None, body.n, context)
                 async for e in events:
                     if e["type"] == "error":
                         yield sse(APIError(e["status"], e["message"], type=e["error_type"], code=e["code"]).body())
@@ -431,6 +453,54 @@ class Gateway:
                 self._release(spec, 200)
 
         return StreamingResponse(relay(), media_type="text/event-stream")
+
+    # ---- templates and stored replies ----
+    def _template(self, ref: str, needs: set[str]):
+        """A prompt template by reference, loaded once (a bad one is a clear 400 / startup error)."""
+        from cluster.errors import UserError
+        from serve.prompt_templates import load_template
+
+        if ref not in self.templates:
+            try:
+                self.templates[ref] = load_template(ref, self.cfg.prompt_dirs, needs)
+            except UserError as exc:
+                raise APIError(400, str(exc), param="template") from None
+        return self.templates[ref]
+
+    async def _store(self, rid: str, result: dict[str, Any], context: dict[str, Any]) -> None:
+        """Keep a reply whose request asked for it (`store: true`), as the client received it."""
+        if "store" not in context:
+            return
+        answers = [{"text": (c.get("message") or {}).get("content") or c.get("text") or "",
+                    "finish_reason": c.get("finish_reason")} for c in result.get("choices", [])]
+        await self._store_answers(rid, answers, context)
+
+    async def _store_answers(self, rid: str, answers: list[dict[str, Any]], context: dict[str, Any]) -> None:
+        st = context["store"]
+        try:
+            await asyncio.to_thread(self.feedback.add_reply, rid, endpoint=st["endpoint"], model=context["model"],
+                                    messages=st["messages"], answers=answers, template=st.get("template"),
+                                    sources=st.get("sources"))
+        except Exception as exc:  # the answer still goes out; feedback on it will say it is unknown
+            log.warning("aero: could not store reply %s (%s)", rid, type(exc).__name__)
+
+    async def _recorded(self, events: AsyncIterator[dict], rid: str | None, n: int,
+                        context: dict[str, Any]) -> AsyncIterator[dict]:
+        """Pass stream events through; once every choice is done, store the reply (before the
+        client sees the last finish, so its feedback never arrives first)."""
+        texts: dict[int, list[str]] = collections.defaultdict(list)
+        finish: dict[int, str | None] = {}
+        async for e in events:
+            i = e.get("index", 0)
+            rid = rid or (e.get("chunk") or {}).get("id")
+            if e["type"] in ("delta", "done"):
+                texts[i].append(e.get("text") or "")
+            if e["type"] == "done":
+                finish[i] = e.get("finish_reason")
+                if len(finish) == n:
+                    await self._store_answers(rid or new_id("chatcmpl"), [
+                        {"text": "".join(texts[k]), "finish_reason": finish.get(k)} for k in range(n)], context)
+            yield e
 
     # ---- moderation ----
     async def _moderate(self, texts: list[str], direction: str, context: dict[str, Any]) -> list[dict]:

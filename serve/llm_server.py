@@ -65,6 +65,40 @@ class LLMServer:
                                                            tokenize=True, return_dict=True)["input_ids"])
         return list(self.tokenizer(req["prompt"])["input_ids"])
 
+    def fit(self, messages: list[dict[str, str]], slot: str, pieces: list[str], max_tokens: int) -> dict[str, Any]:
+        """Replace `slot` in the last message with as many of `pieces` (blank-line separated, in
+        order) as the context holds with `max_tokens` to spare; the first piece that does not fit
+        whole is cut at a token boundary. Retrieval-augmented prompts use it: only this replica
+        knows the tokenizer and the context length. Returns {"messages", "used"} or {"error"}."""
+        budget = self.engine.context - max_tokens
+
+        def render(text: str) -> list[dict[str, str]]:
+            return [*messages[:-1], {**messages[-1], "content": messages[-1]["content"].replace(slot, text)}]
+
+        def fits(chosen: list[str]) -> bool:
+            return len(self._prompt_ids({"kind": "chat", "messages": render("\n\n".join(chosen))})) <= budget
+
+        if not fits([]):
+            return {"error": f"the prompt leaves no room in this model's context of {self.engine.context} tokens "
+                             f"with max_tokens {max_tokens}"}
+        chosen: list[str] = []
+        for piece in pieces:
+            if fits([*chosen, piece]):
+                chosen.append(piece)
+                continue
+            ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+            lo, hi = 0, len(ids)  # the longest prefix that fits
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if fits([*chosen, self.tokenizer.decode(ids[:mid]) + " ..."]):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo >= 8:  # a few words at least
+                chosen.append(self.tokenizer.decode(ids[:lo]) + " ...")
+            break
+        return {"messages": render("\n\n".join(chosen)), "used": len(chosen)}
+
     def _resolve(self, event: dict[str, Any]) -> dict[str, Any]:
         """Token ids -> token strings, so the ingress needs no tokenizer."""
         tok = self.tokenizer
@@ -91,6 +125,9 @@ class LLMServer:
         if not ids:
             yield [{"type": "error", "status": 400, "message": "the prompt is empty", "param": "prompt"}]
             return
+        if req.get("max_tokens_default") and len(ids) < context:  # not asked for: whatever room is left
+            params = {**params, "max_tokens": min(params["max_tokens"], context - len(ids))}
+            params["min_tokens"] = min(params["min_tokens"], params["max_tokens"])
         if len(ids) + params["max_tokens"] > context:
             yield [{"type": "error", "status": 400, "param": "max_tokens", "code": "context_length_exceeded",
                     "message": f"This model's maximum context length is {context} tokens; the prompt has {len(ids)} "

@@ -71,6 +71,16 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # OpenAI's: keep this reply (here: in the feedback database, so it can be rated) and tag it.
+    store: bool = False
+    metadata: dict[str, str] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v):
+        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+            raise ValueError("metadata: at most 16 pairs, keys up to 64 and values up to 512 characters")
+        return v
 
 
 class CompletionRequest(_Request):

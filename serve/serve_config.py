@@ -8,7 +8,9 @@ from pydantic import Field, model_validator
 
 from cluster.config import StrictModel
 from serve.deployment_config import DeploymentLimits
+from serve.feedback.feedback_config import FeedbackConfig
 from serve.moderation.moderation_config import ModerationConfig
+from serve.qa.qa_config import QAConfig
 
 
 class ModelSpec(StrictModel):
@@ -21,7 +23,8 @@ class ModelSpec(StrictModel):
     api_key_env: str | None = Field(default=None, description="env var holding the upstream's API key")
     max_batch: int = Field(default=16, ge=1, description="sequences decoded together per step")
     max_concurrent: int = Field(default=64, ge=1, description="requests in flight per gateway replica; more get 429")
-    default_max_tokens: int = Field(default=128, ge=1)
+    default_max_tokens: int = Field(default=128, ge=1, description="when a request sets no max_tokens (capped to the "
+                                                                  "room its prompt leaves in the context)")
     deployment: DeploymentLimits = Field(default_factory=DeploymentLimits)
 
     @model_validator(mode="after")
@@ -41,6 +44,14 @@ class AuthConfig(StrictModel):
     keys_file: str | None = Field(default=None, description="file with one key per line")
 
 
+class PagesConfig(StrictModel):
+    """The chat (`/chat`) and Q&A (`/qa`) pages the gateway serves."""
+
+    enabled: bool = True
+    chat_template: str = Field(default="chat.v1", description="prompt template whose system prompt the chat page "
+                                                              "starts with")
+
+
 class ServeConfig(StrictModel):
     models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(name="aero", source="quantize")], min_length=1)
     app_name: str = "aero"
@@ -54,10 +65,21 @@ class ServeConfig(StrictModel):
     max_request_bytes: int = Field(default=1_000_000, ge=1024, description="larger bodies get 413 before parsing")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429/503")
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)
+    qa: QAConfig = Field(default_factory=QAConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    pages: PagesConfig = Field(default_factory=PagesConfig)
+    prompt_dirs: list[str] = Field(default_factory=list, description="folders of prompt templates (name.vN.yaml), "
+                                                                     "searched before the shipped ones")
 
     @model_validator(mode="after")
     def _unique(self) -> "ServeConfig":
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names repeat: {names}")
+        if self.qa.model is not None and self.qa.model not in names:
+            raise ValueError(f"qa.model {self.qa.model!r} is not among the served models {names}")
         return self
+
+    @property
+    def qa_model(self) -> str:
+        return self.qa.model or self.models[0].name

@@ -5,7 +5,6 @@ and a schemathesis fuzz of the OpenAPI schema. The engine is also checked alone,
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -15,99 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from cluster.errors import ConfigError
-from tests.conftest import free_port, recipe
-
-KEY, UPSTREAM_KEY = "test-key-1", "upstream-key"
-LIGHT = {"num_cpus": 0, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-
-
-@pytest.fixture(scope="module")
-def gateway(post_run, tmp_path_factory):
-    """The `serve` stage of the trained run, plus a second app that plays a remote upstream."""
-    from ray import serve
-
-    from cluster.runner import run_stage
-    from serve.app import build_app
-    from serve.gateway import key_digest
-    from serve.moderation.moderation_config import OPENAI_CATEGORIES
-    from serve.serve_config import ServeConfig
-
-    port = free_port()
-    os.environ["AERO_API_KEYS"] = f"{KEY},other-key"
-    os.environ["AERO_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
-    base = f"http://127.0.0.1:{port}"
-    # The test models are barely trained and emit fragments ("s.", "thes thes.") that the classifier may
-    # misread; here outputs are only logged, and the strict app below checks output blocking on a model
-    # whose output is known.
-    section = {
-        "port": port, "ingress": {**LIGHT, "max_ongoing_requests": 64, "max_queued_requests": 64},
-        "moderation": {"policy": {c: {"output": "log"} for c in OPENAI_CATEGORIES}},
-        "models": [
-            {"name": "sft", "source": "sft", "deployment": LIGHT},
-            {"name": "awq", "source": "quantize", "deployment": LIGHT},
-            {"name": "tight", "source": "sft", "max_batch": 1, "max_concurrent": 6,
-             "deployment": {**LIGHT, "max_ongoing_requests": 1, "max_queued_requests": 1}},
-            {"name": "remote", "upstream": f"{base}/upstream/v1", "upstream_model": "up-sft",
-             "api_key_env": "AERO_TEST_UPSTREAM_KEY"},
-        ],
-    }
-    manifest = run_stage(recipe(post_run.parent, "post", serve=section), "serve")
-    upstream = ServeConfig.model_validate({"app_name": "upstream", "port": port, "route_prefix": "/upstream",
-                                           "ingress": LIGHT, "moderation": {"enabled": False},
-                                           "models": [{"name": "up-sft", "source": "x", "deployment": LIGHT}]})
-    serve.run(build_app(upstream, {"up-sft": str(post_run / "sft" / "model")}, [key_digest(UPSTREAM_KEY)]),
-              name="upstream", route_prefix="/upstream", blocking=False)
-    # A third app whose output policy flags any text with words (threshold ~0), serving a model that
-    # always says " list": every answer is blocked.
-    strict = ServeConfig.model_validate({
-        "app_name": "strict", "port": port, "route_prefix": "/strict", "ingress": LIGHT, "auth": {"enabled": False},
-        "models": [{"name": "sft", "source": "x", "deployment": LIGHT}],
-        "moderation": {"deployment": LIGHT, "policy": {"violence": {"input": "log", "output": "block", "threshold": 1e-9}}}})
-    said = _one_word_model(post_run / "sft" / "model", tmp_path_factory.mktemp("one-word"), " list")
-    serve.run(build_app(strict, {"sft": str(said),
-                                 "moderation:classifier": str(post_run / "moderation" / "classifier")}, []),
-              name="strict", route_prefix="/strict", blocking=False)
-    _wait_ready(base)
-    yield {"base": base, "manifest": manifest, "stage": post_run / "serve"}
-    serve.shutdown()
-
-
-def _one_word_model(src, dst, word: str):
-    """A Llama model with `src`'s tokenizer that answers every prompt with `word` repeated: embeddings
-    of ones, attention and MLP outputs zeroed, and an output head that reads only `word`'s token."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(src)
-    (token,) = tok.encode(word, add_special_tokens=False)
-    cfg = AutoConfig.from_pretrained(src)
-    cfg.tie_word_embeddings = False
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.model.embed_tokens.weight.fill_(1.0)
-        model.model.norm.weight.fill_(1.0)
-        model.lm_head.weight[token] = 1.0
-    model.save_pretrained(dst)
-    tok.save_pretrained(dst)
-    return dst
-
-
-def _wait_ready(base: str, timeout: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            ok = httpx.post(f"{base}/upstream/v1/completions", json={"model": "up-sft", "prompt": "a", "max_tokens": 1},
-                            headers={"Authorization": f"Bearer {UPSTREAM_KEY}"}, timeout=10).status_code == 200
-            if ok and httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError("the Serve apps did not come up")
+from tests.conftest import KEY, recipe
 
 
 def _client(gateway, key: str = KEY):

