@@ -83,10 +83,13 @@ def pipeline(config: Recipe, overrides: Overrides = None, address: RayAddress = 
     from cluster.runner import run_pipeline
 
     recipe = _recipe(config, overrides or [], overlay or [], address)
+    from cluster.report import build_report
+
     manifests = run_pipeline(recipe)
     for m in manifests:
         typer.echo(f"{m.stage}: {m.status} ({m.metrics.get('wall_s', 0):.1f}s)")
     typer.echo(f"run folder: {recipe.run_dir}")
+    typer.echo(f"report: {build_report(recipe.run_dir, _BENCH_RESULTS)}  (open it in a browser)")
 
 
 @app.command("tune")
@@ -371,14 +374,21 @@ def runs_list(runs_dir: Path = typer.Option(Path("runs"), help="Folder that hold
 def runs_show(
     run: str = typer.Argument(..., help="Run name (or a run folder)."),
     runs_dir: Path = typer.Option(Path("runs"), help="Folder that holds run folders."),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifests as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifests (or the lineage) as JSON."),
+    show_lineage: bool = typer.Option(False, "--lineage", help="Print the chain behind a stage back to the sources."),
+    stage: Optional[str] = typer.Option(None, help="With --lineage: the stage to start from (default: serve, "
+                                                   "else the last one)."),
 ) -> None:
-    """Show each stage's manifest: status, config hash, inputs, outputs and metrics."""
-    from cluster.manifest import read_manifest
+    """Show each stage's manifest: status, config hash, inputs, outputs and metrics; or, with
+    --lineage, the chain from a stage back through every artifact to the corpus sources."""
+    from cluster.lineage import lineage, render, run_manifests
 
     run_dir = _run_dir(run, runs_dir)
-    manifests = [m for d in sorted(run_dir.iterdir()) if d.is_dir() and (m := read_manifest(d))]
-    manifests.sort(key=lambda m: m.started_at)
+    if show_lineage:
+        chain = lineage(run_dir, stage)
+        typer.echo(json.dumps(chain.to_dict(), indent=2) if as_json else "\n".join(render(chain)))
+        return
+    manifests = list(run_manifests(run_dir).values())
     if as_json:
         typer.echo(json.dumps([m.model_dump() for m in manifests], indent=2))
         return
@@ -392,6 +402,37 @@ def runs_show(
             typer.echo(f"  metrics {json.dumps(m.metrics)}")
         if m.error:
             typer.echo(f"  error {m.error}")
+
+
+@runs_app.command("diff")
+@user_errors
+def runs_diff(
+    run_a: str = typer.Argument(..., help="Run name (or folder)."),
+    run_b: str = typer.Argument(..., help="Run name (or folder) to compare with."),
+    runs_dir: Path = typer.Option(Path("runs"), help="Folder that holds run folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print the differences as JSON."),
+) -> None:
+    """What changed between two runs, per stage: config fields, source hashes, metrics."""
+    from cluster.lineage import diff, render_diff
+
+    a, b = _run_dir(run_a, runs_dir), _run_dir(run_b, runs_dir)
+    d = diff(a, b)
+    typer.echo(json.dumps(d, indent=2) if as_json else "\n".join(render_diff(d, a.name, b.name)))
+
+
+@runs_app.command("report")
+@user_errors
+def runs_report(
+    run: str = typer.Argument(..., help="Run name (or a run folder)."),
+    runs_dir: Path = typer.Option(Path("runs"), help="Folder that holds run folders."),
+) -> None:
+    """Write runs/<run>/report.html: stages, pictures, tables, lineage and benchmark figures (offline)."""
+    from cluster.report import build_report
+
+    typer.echo(f"report: {build_report(_run_dir(run, runs_dir), _BENCH_RESULTS)}")
+
+
+_BENCH_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 
 
 @app.command()

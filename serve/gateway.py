@@ -28,7 +28,8 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 
 from serve.api_app import app
-
+from serve.feedback.routes import FeedbackRoutes
+from serve.moderation.rules import redact
 from serve.openai_api import (
     APIError,
     ChatRequest,
@@ -41,8 +42,6 @@ from serve.openai_api import (
     sse,
     usage,
 )
-from serve.feedback.routes import FeedbackRoutes
-from serve.moderation.rules import redact
 from serve.pages.routes import PageRoutes
 from serve.qa.routes import QARoutes
 from serve.serve_config import ModelSpec, ServeConfig
@@ -169,18 +168,19 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
         screened = await self._screen_input(texts, "messages", context)
         if isinstance(screened, APIError):
             return self._refusal(body, chat=True)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": text}
+                    for m, text in zip(body.messages, screened)]
         if body.store and self.feedback is not None:
             context["store"] = {"endpoint": "chat", "template": (body.metadata or {}).get("prompt_template"),
-                                "messages": [{"role": "system" if m.role == "developer" else m.role, "content": t}
-                                             for m, t in zip(body.messages, screened)]}
+                                "messages": messages}
         payload = None
         if spec.upstream:
             payload = await request.json()
+            for key in ("store", "metadata"):  # kept here, not at the upstream
+                payload.pop(key, None)
             for i, text in enumerate(screened):
                 if text != texts[i]:  # redacted
                     payload["messages"][i]["content"] = text
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": text}
-                    for m, text in zip(body.messages, screened)]
         return await self._chat(spec, body, messages, context, payload)
 
     async def _chat(self, spec: ModelSpec, body: ChatRequest, messages: list[dict[str, str]], context: dict[str, Any],

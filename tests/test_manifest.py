@@ -105,6 +105,7 @@ def test_default_recipe_runs_and_runs_show_prints_its_lineage(ray_cluster, tmp_p
     assert manifest.metrics["documents_by_kind"]["code"] >= 1
     assert manifest.metrics["documents_out"] > 80  # pydoc topics + json sources + samples
     assert manifest.versions["ray"].startswith("2.60")
+    assert "report: " in result.output and "loss.png" in (tmp_path / "tiny-cpu" / "report.html").read_text()
 
     listed = runner.invoke(app, ["runs", "list", f"--runs-dir={tmp_path}"])
     assert "tiny-cpu\tdata=finished" in listed.output
