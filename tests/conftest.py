@@ -141,11 +141,12 @@ QA_DOCS = {
 }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gateway(post_run, tmp_path_factory):
     """The `serve` stage of the trained run (with Q&A over a tiny folder and the feedback
     database), a second app that plays a remote upstream, and a third whose output policy
-    blocks everything. Session-scoped: the serving and page tests share it."""
+    blocks everything. Module-scoped: Serve is shut down after each module that uses it, so its
+    replicas never hold the CPUs that later training tests need."""
     from ray import serve
 
     from cluster.runner import run_stage
@@ -163,7 +164,7 @@ def gateway(post_run, tmp_path_factory):
     # whose output is known.
     section = {
         "port": port, "ingress": {**LIGHT, "max_ongoing_requests": 64, "max_queued_requests": 64},
-        "moderation": {"policy": {c: {"output": "log"} for c in OPENAI_CATEGORIES}},
+        "moderation": {"policy": {c: {"output": "log"} for c in OPENAI_CATEGORIES}, "deployment": LIGHT},
         "models": [
             {"name": "sft", "source": "sft", "deployment": LIGHT},
             {"name": "awq", "source": "quantize", "deployment": LIGHT},
