@@ -12,11 +12,11 @@ from tests.conftest import aero
 
 
 @pytest.mark.slow
-def test_lineage_goes_from_the_quantized_model_back_to_the_corpus_sources(post_run):
-    shown = aero("runs", "show", "post", f"--runs-dir={post_run.parent}", "--lineage", "--stage", "quantize")
+def test_lineage_goes_from_the_evaluated_models_back_to_the_corpus_sources(post_run):
+    shown = aero("runs", "show", "post", f"--runs-dir={post_run.parent}", "--lineage", "--stage", "eval")
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
-    assert lines[0].startswith("quantize: finished")
+    assert lines[0].startswith("eval: finished")
     for stage in ("grpo", "sft", "reward", "pretrain", "chat_data", "tokenizer", "data"):
         assert any(line.lstrip().startswith(f"<- {stage}: finished") for line in lines), stage
     assert any("source source:stdlib:docs: sha256" in line for line in lines)
