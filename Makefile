@@ -22,8 +22,10 @@ browser:
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
+# The whole tiny recipe, then the served model (chat page http://127.0.0.1:8000/chat) until
+# Ctrl-C. The API key is AERO_API_KEYS from your environment, or `devkey` (bound to 127.0.0.1).
 demo: setup
-	$(VENV)/bin/aero pipeline configs/tiny-cpu.yaml
+	AERO_API_KEYS="$${AERO_API_KEYS:-devkey}" $(VENV)/bin/aero pipeline configs/tiny-cpu.yaml
 
 test: setup browser
 	$(PY) -m pytest -q

@@ -78,18 +78,53 @@ def run(
 
 @app.command()
 @user_errors
-def pipeline(config: Recipe, overrides: Overrides = None, address: RayAddress = None, overlay: Overlays = None) -> None:
-    """Run the stages the recipe lists, in order, skipping those already finished."""
+def pipeline(
+    config: Recipe,
+    overrides: Overrides = None,
+    address: RayAddress = None,
+    overlay: Overlays = None,
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="Run the recipe's `serve` stage (if listed) and, on an "
+                                                             "embedded Ray, keep serving until Ctrl-C."),
+) -> None:
+    """Run the stages the recipe lists, in order, skipping those already finished; write the
+    run report; end serving the result when the recipe lists `serve`."""
+    from cluster.report import build_report
     from cluster.runner import run_pipeline
 
     recipe = _recipe(config, overrides or [], overlay or [], address)
-    from cluster.report import build_report
-
+    if not serve:
+        recipe.stages = [s for s in recipe.stages if s != "serve"]
     manifests = run_pipeline(recipe)
     for m in manifests:
         typer.echo(f"{m.stage}: {m.status} ({m.metrics.get('wall_s', 0):.1f}s)")
     typer.echo(f"run folder: {recipe.run_dir}")
     typer.echo(f"report: {build_report(recipe.run_dir, _BENCH_RESULTS)}  (open it in a browser)")
+    served = [m for m in manifests if m.stage == "serve"]
+    if served:
+        _keep_serving(recipe, served[0])
+
+
+def _keep_serving(recipe, manifest) -> None:
+    """Print where the served app is; on an embedded Ray stay in the foreground (the app lives
+    as long as this process)."""
+    import os
+    import time
+
+    from cluster.ray_session import connect_ray
+
+    endpoint = json.loads(Path(manifest.outputs["endpoint"].path).read_text())
+    dashboard = connect_ray(recipe.ray)
+    typer.echo(f"serving {', '.join(endpoint['models'])}: {endpoint['openai_base_url']}  (dashboard {dashboard})")
+    if endpoint.get("pages"):
+        typer.echo(f"chat page {endpoint['pages']['chat']}, Q&A page {endpoint['pages']['qa']}")
+    typer.echo(f"Serve config for `serve deploy`: {manifest.outputs['serve_config'].path}")
+    if not (recipe.ray.address or os.environ.get("RAY_ADDRESS")):
+        typer.echo("embedded Ray: serving until Ctrl-C")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command("tune")
@@ -141,9 +176,6 @@ def serve_command(
     shutdown: bool = typer.Option(False, "--shutdown", help="Stop every Serve application on the cluster."),
 ) -> None:
     """Deploy the recipe's `serve` section on Ray Serve (stays in the foreground on an embedded Ray)."""
-    import os
-    import time
-
     from cluster.ray_session import connect_ray
     from cluster.runner import run_stage
 
@@ -161,18 +193,7 @@ def serve_command(
             for dep, d in app_status.deployments.items():
                 typer.echo(f"  {dep}: {d.status} {dict(d.replica_states)}")
         return
-    manifest = run_stage(recipe, "serve")
-    endpoint = json.loads(Path(manifest.outputs["endpoint"].path).read_text())
-    dashboard = connect_ray(recipe.ray)
-    typer.echo(f"serving {', '.join(endpoint['models'])}: {endpoint['openai_base_url']}  (dashboard {dashboard})")
-    typer.echo(f"Serve config for `serve deploy`: {manifest.outputs['serve_config'].path}")
-    if not (recipe.ray.address or os.environ.get("RAY_ADDRESS")):
-        typer.echo("embedded Ray: serving until Ctrl-C")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+    _keep_serving(recipe, run_stage(recipe, "serve"))
 
 
 @moderation_app.command("report")

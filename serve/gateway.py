@@ -171,7 +171,8 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": text}
                     for m, text in zip(body.messages, screened)]
         if body.store and self.feedback is not None:
-            context["store"] = {"endpoint": "chat", "template": (body.metadata or {}).get("prompt_template"),
+            template = (body.metadata or {}).get("prompt_template")
+            context["store"] = {"endpoint": "chat", "template": template[:128] if template else None,
                                 "messages": messages}
         payload = None
         if spec.upstream:
