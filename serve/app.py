@@ -44,6 +44,11 @@ def build_app(cfg: ServeConfig, paths: dict[str, str], digests: list[str]):
     from serve.gateway import Gateway
     from serve.llm_server import LLMServer
     from serve.moderation.deployment import ModerationServer
+    from serve.prompt_templates import load_template
+
+    load_template(cfg.pages.chat_template, cfg.prompt_dirs)  # a bad template stops here, not in a replica
+    if cfg.qa.index:
+        load_template(cfg.qa.template, cfg.prompt_dirs, {"question", "passages"})
 
     def options(limits) -> dict[str, Any]:
         a = limits.autoscaling

@@ -237,3 +237,14 @@ def test_passages_follow_paragraphs_and_sections():
     assert {s for _, s, _ in parts[1:]} == {"Section A"} and all(len(p) <= 400 for _, _, p in parts)
     assert parts[-1][2].endswith("Short end.") and text[parts[1][0]:].startswith("word")
     assert title_of("x.md", "# Zebra care\n\nText") == "Zebra care" and title_of("dir/notes.txt", "\n" + "x" * 200) == "notes.txt"
+
+
+def test_a_bad_template_in_the_serve_config_stops_before_deploying(tmp_path):
+    from cluster.errors import UserError
+    from serve.app import build_app
+    from serve.serve_config import ServeConfig
+
+    cfg = ServeConfig.model_validate({"models": [{"name": "m", "source": "x"}], "pages": {"chat_template": "chat.v7"},
+                                      "moderation": {"enabled": False}})
+    with pytest.raises(UserError, match="prompt template 'chat.v7' not found"):
+        build_app(cfg, {"m": str(tmp_path)}, [])
