@@ -75,3 +75,17 @@ def test_the_run_report_is_one_offline_page_with_pictures_tables_and_lineage(pos
     for stage in ("data", "pretrain", "sft", "eval", "quantize", "moderation", "qa_index"):
         assert f"id='{stage}'" in page, stage
     assert "<table>" in page and "awq" in page.lower() and "Lineage" in page and "reward" in page
+
+
+@pytest.mark.slow
+def test_a_second_pipeline_run_skips_every_finished_stage(post_run):
+    from cluster.manifest import read_manifest
+    from cluster.runner import run_pipeline
+    from tests.conftest import CHAIN, recipe
+
+    before = {stage: read_manifest(post_run / stage).started_at for stage in CHAIN}
+    said = []
+    manifests = run_pipeline(recipe(post_run.parent), echo=said.append)
+    assert [m.stage for m in manifests] == CHAIN and all(m.status == "finished" for m in manifests)
+    assert sum(line.endswith("skipped") for line in said) == len(CHAIN), said
+    assert {stage: read_manifest(post_run / stage).started_at for stage in CHAIN} == before
