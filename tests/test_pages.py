@@ -248,3 +248,34 @@ def test_a_bad_template_in_the_serve_config_stops_before_deploying(tmp_path):
                                       "moderation": {"enabled": False}})
     with pytest.raises(UserError, match="prompt template 'chat.v7' not found"):
         build_app(cfg, {"m": str(tmp_path)}, [])
+
+
+def test_export_pairs_ratings_on_one_conversation_and_keeps_liked_answers_for_sft(tmp_path):
+    from data_jobs.chat_records import preference_record, sft_record
+    from serve.feedback.export import export
+    from serve.feedback.store import FeedbackStore, sqlite_url
+
+    url = sqlite_url(tmp_path / "feedback.db")
+    store = FeedbackStore(url)
+    conversation = [{"role": "user", "content": "What is a list?"}]
+    store.add_reply("a", endpoint="chat", model="m", messages=conversation,
+                    answers=[{"text": "A sequence.", "finish_reason": "stop"}, {"text": "A fish.", "finish_reason": "stop"}])
+    store.add_reply("b", endpoint="chat", model="m", messages=conversation,
+                    answers=[{"text": "A mutable sequence.", "finish_reason": "stop"}])
+    store.add_reply("c", endpoint="chat", model="m", messages=conversation,
+                    answers=[{"text": "", "finish_reason": "content_filter"}])
+    store.add_comparison("a", 0)
+    for reply, index, rating in (("a", 0, 1), ("a", 1, -1), ("b", 0, 1), ("b", 0, 1), ("c", 0, -1)):
+        store.add_rating(reply, index, rating, None)
+    stats = export(url, tmp_path / "out")
+    pairs = [json.loads(line) for line in (tmp_path / "out" / "preferences.jsonl").read_text().splitlines()]
+    sft = [json.loads(line) for line in (tmp_path / "out" / "sft.jsonl").read_text().splitlines()]
+    # the comparison, then up x down on the same conversation (its repeat dropped; a withheld answer skipped)
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [
+        ("A sequence.", "A fish."), ("A mutable sequence.", "A fish.")]
+    assert stats["skipped"] == {"withheld_or_empty": 2}
+    assert [r["messages"][-1]["content"] for r in sft] == ["A sequence.", "A mutable sequence."]
+    for p in pairs:
+        preference_record(p)
+    for r in sft:
+        sft_record(r)

@@ -55,20 +55,21 @@ def export(url: str, out: Path) -> dict:
         r = replies[c["reply_id"]]
         add_pair(r["messages"], r["answers"][c["chosen"]], r["answers"][c["rejected"]], f"comparison:{r['id']}")
 
-    votes: dict[str, dict[str, list]] = defaultdict(lambda: {"up": [], "down": []})  # conversation -> answers
+    # conversation -> answer text -> answer, per vote (an answer rated up twice counts once)
+    votes: dict[str, dict[str, dict[str, dict]]] = defaultdict(lambda: {"up": {}, "down": {}})
     prompts: dict[str, list] = {}
     for rating in data["ratings"]:
         r = replies[rating["reply_id"]]
         key = json.dumps(r["messages"], sort_keys=True)
         prompts[key] = r["messages"]
-        votes[key]["up" if rating["rating"] > 0 else "down"].append(r["answers"][rating["index"]])
+        answer = r["answers"][rating["index"]]
+        votes[key]["up" if rating["rating"] > 0 else "down"][answer["text"]] = answer
     for key, v in votes.items():
-        down_texts = {a["text"] for a in v["down"]}
-        for up in v["up"]:
-            for down in v["down"]:
-                if up["text"] != down["text"]:
+        for text, up in v["up"].items():
+            for down in v["down"].values():
+                if text != down["text"]:
                     add_pair(prompts[key], up, down, "ratings")
-            if up["text"] in down_texts or not _usable(up):
+            if text in v["down"] or not _usable(up):
                 continue
             record = {"messages": [*prompts[key], *_assistant(up["text"])]}
             try:
@@ -76,7 +77,9 @@ def export(url: str, out: Path) -> dict:
             except RecordError as e:
                 skipped[f"invalid: {e}"] += 1
                 continue
-            if record not in sft:
+            record_key = json.dumps(record, sort_keys=True)
+            if record_key not in seen:
+                seen.add(record_key)
                 sft.append(record)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "preferences.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prefs))

@@ -135,15 +135,15 @@ class FeedbackStore:
     def dump(self) -> dict[str, list[dict[str, Any]]]:
         """Everything, as plain dicts (for export and tests)."""
         with Session(self.engine) as s:
-            replies = {r.id: {"id": r.id, "endpoint": r.endpoint, "model": r.model, "template": r.template,
-                              "messages": r.messages, "sources": r.sources, "created_at": r.created_at.isoformat(),
-                              "answers": [{"text": a.text, "finish_reason": a.finish_reason} for a in r.answers]}
-                       for r in s.scalars(select(Reply))}
+            replies = [{"id": r.id, "endpoint": r.endpoint, "model": r.model, "template": r.template,
+                        "messages": r.messages, "sources": r.sources, "created_at": r.created_at.isoformat(),
+                        "answers": [{"text": a.text, "finish_reason": a.finish_reason} for a in r.answers]}
+                       for r in s.scalars(select(Reply).order_by(Reply.created_at))]
             ratings = [{"reply_id": r.reply_id, "index": r.index, "rating": r.rating, "comment": r.comment}
                        for r in s.scalars(select(Rating).order_by(Rating.id))]
             comparisons = [{"reply_id": c.reply_id, "chosen": c.chosen, "rejected": c.rejected}
                            for c in s.scalars(select(Comparison).order_by(Comparison.id))]
-        return {"replies": list(replies.values()), "ratings": ratings, "comparisons": comparisons}
+        return {"replies": replies, "ratings": ratings, "comparisons": comparisons}
 
 
 def _sqlite_pragmas(conn, _record) -> None:

@@ -40,6 +40,13 @@ def _is_stage(source: str) -> bool:
     return not _is_folder(source)
 
 
+def questions_file(cfg: QAIndexConfig) -> Path | None:
+    """The labeled questions to evaluate on: the recipe's, else the shipped set for the corpus."""
+    if cfg.questions:
+        return Path(cfg.questions).expanduser()
+    return QUESTIONS if _is_stage(cfg.source) else None
+
+
 def documents(ctx: StageContext, cfg: QAIndexConfig) -> list[dict]:
     from serve.qa.index import folder_documents
 
@@ -102,7 +109,7 @@ def run(ctx: StageContext, cfg: QAIndexConfig) -> StageResult:
     index = PassageIndex.build(docs, embedder, cfg.passage_chars)
     index.meta["build_s"] = round(time.perf_counter() - started, 2)
     index.save(ctx.stage_dir / "index")
-    questions = Path(cfg.questions).expanduser() if cfg.questions else (QUESTIONS if _is_stage(cfg.source) else None)
+    questions = questions_file(cfg)
     ev = {"index": index.meta}
     if questions is not None:
         ev.update(evaluate(index, embedder, load_questions(questions), cfg.k))
@@ -120,14 +127,12 @@ def run(ctx: StageContext, cfg: QAIndexConfig) -> StageResult:
 def _inputs(ctx: StageContext, cfg: QAIndexConfig) -> dict[str, str]:
     from cluster.manifest import hash_path
 
-    out = {}
     if _is_stage(cfg.source):
-        out[f"stage:{cfg.source}"] = ctx.upstream(cfg.source).output_id
-        out[str(QUESTIONS)] = sha256_file(QUESTIONS)
+        out = {f"stage:{cfg.source}": ctx.upstream(cfg.source).output_id}
     else:
-        out[cfg.source] = hash_path(Path(cfg.source).expanduser())
-    if cfg.questions:
-        path = Path(cfg.questions).expanduser()
+        out = {cfg.source: hash_path(Path(cfg.source).expanduser())}
+    path = questions_file(cfg)
+    if path is not None:
         if not path.is_file():
             raise UserError(f"qa_index.questions: {path} does not exist")
         out[str(path)] = sha256_file(path)
