@@ -1,0 +1,91 @@
+"""`aero pipeline` end to end as a user runs it: the real CLI in its own process, killed during
+pretraining, rerun to completion."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cluster.manifest import read_manifest
+from tests.conftest import AERO, LENIENT_QUALITY, REPO, aero
+
+STEPS, EVERY = 24, 4
+
+
+def _write_recipe(runs: Path) -> Path:
+    path = runs / "e2e.yaml"
+    path.write_text(
+        f"run: e2e\nruns_dir: {runs}\nstages: [data, tokenizer, pretrain]\n"
+        "data:\n  sources: ['stdlib:docs']\n  val_fraction: 0.2\n" + LENIENT_QUALITY +
+        "tokenizer: {vocab_size: 512, seq_len: 64}\n"
+        f"pretrain: {{steps: {STEPS}, global_batch: 8, micro_batch: 2, warmup_steps: 2, lr: 3.0e-3,\n"
+        f"           checkpoint_every: {EVERY}, eval_every: 12, scaling: {{num_workers: 2}}}}\n"
+    )
+    return path
+
+
+def _train_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def _committed_step(checkpoints: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train has registered (its snapshot), if any."""
+    try:
+        snapshot = json.loads((checkpoints / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return ((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("step")
+
+
+def _logged_steps(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_pipeline_killed_during_pretraining_resumes_from_its_checkpoint_on_rerun(ray_cluster, tmp_path):
+    config = _write_recipe(tmp_path)
+    stage_dir = tmp_path / "e2e" / "pretrain"
+    checkpoints = stage_dir / "ray_results" / "pretrain"
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen([*AERO, "pipeline", str(config), "--no-serve"], cwd=REPO, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while _committed_step(checkpoints) is None and time.monotonic() < deadline:
+            assert first.poll() is None, f"the pipeline ended before a checkpoint:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        assert _committed_step(checkpoints), log.read_text()[-3000:]
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the whole `aero pipeline` process, as a lost terminal would
+        first.wait()
+    # Ray notices the dead driver and ends its job's workers.
+    deadline = time.monotonic() + 60
+    while _train_workers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _train_workers(), "the killed pipeline's training workers outlived it"
+    assert read_manifest(stage_dir).status == "running"  # as the killed process left it
+    done_before = _logged_steps(stage_dir / "metrics.jsonl")
+    committed = _committed_step(checkpoints)
+    assert committed < STEPS and max(done_before) >= committed
+
+    rerun = aero("pipeline", str(config), "--no-serve", timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:] + rerun.stdout[-2000:]
+    assert "data: finished earlier with the same config and inputs; skipped" in rerun.stderr
+    assert "tokenizer: finished earlier with the same config and inputs; skipped" in rerun.stderr
+    assert "pretrain: last attempt is running; resuming" in rerun.stderr
+    manifest = read_manifest(stage_dir)
+    assert manifest.status == "finished" and manifest.metrics["step"] == STEPS
+    resumed = _logged_steps(stage_dir / "metrics.jsonl")[len(done_before):]
+    # The rerun starts after the last checkpoint the first attempt committed, not at step 1.
+    assert resumed == list(range(committed + 1, STEPS + 1)), (committed, resumed)
+    assert "report: " in rerun.stdout and (tmp_path / "e2e" / "report.html").stat().st_size > 1000
+    chain = aero("runs", "show", "e2e", f"--runs-dir={tmp_path}", "--lineage")
+    assert chain.returncode == 0 and "<- tokenizer: finished" in chain.stdout and "<- data: finished" in chain.stdout
