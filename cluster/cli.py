@@ -263,7 +263,11 @@ def submit(
 
     if target != "pipeline" and target not in STAGE_TABLE:
         raise UserError(f"unknown target {target!r}: 'pipeline' or a stage ({', '.join(STAGE_TABLE)})")
-    load_recipe(config, overrides or [])  # fail here, not on the cluster
+    recipe = load_recipe(config, overrides or [])  # fail here, not on the cluster
+    if recipe.storage is None and not recipe.runs_dir.is_absolute():
+        typer.echo(f"warning: runs_dir {str(recipe.runs_dir)!r} is relative: on the cluster it is inside the job's "
+                   "temporary working folder. Set storage: s3://... (an artifact store) or an absolute runs_dir on "
+                   "a shared filesystem to keep the run.", err=True)
     command = ["pipeline"] if target == "pipeline" else ["run", target]
     command += [jobs_api.shipped_path(config), *(overrides or [])]
     job_id = jobs_api.submit(command, address=address, install=install, auth=auth)

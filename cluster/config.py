@@ -1,6 +1,6 @@
 """Recipes: YAML files that name a run, its folder, its stages and each stage's config.
 
-A recipe's top level has a few fixed keys (`run`, `runs_dir`, `ray`, `stages`);
+A recipe's top level has a few fixed keys (`run`, `runs_dir`, `ray`, `stages`, `storage`);
 every other key is the section of one stage, validated by that stage's own
 pydantic model (found through `cluster.stages`). Overrides `a.b=value` are
 applied to the raw YAML before validation, so they meet the same checks.
@@ -43,6 +43,9 @@ class Recipe(StrictModel):
     runs_dir: Path = Path("runs")
     ray: RayConfig = RayConfig()
     stages: list[str] = Field(default_factory=list)
+    # An artifact store URI (s3://, gs://, hdfs://, file://...): finished stage folders are
+    # mirrored there and Ray Train/Tune checkpoint there (see cluster/artifact_store.py).
+    storage: str | None = None
     # Validated stage sections, keyed by stage name (filled by load_recipe).
     stage_configs: dict[str, Any] = Field(default_factory=dict, exclude=True)
     source: Path | None = Field(default=None, exclude=True)
@@ -52,6 +55,14 @@ class Recipe(StrictModel):
     def _run_is_a_folder_name(cls, value: str) -> str:
         if not _RUN_NAME.match(value):
             raise ValueError("must be a folder name: letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_is_a_uri(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError("must be a URI such as s3://bucket/prefix or file:///shared/runs "
+                             "(for a shared folder, point runs_dir at it instead)")
         return value
 
     @property
@@ -67,7 +78,7 @@ class Recipe(StrictModel):
         return self.stage_configs[name]
 
 
-RECIPE_KEYS = ("run", "runs_dir", "ray", "stages")
+RECIPE_KEYS = ("run", "runs_dir", "ray", "stages", "storage")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class Node:
         return {"stage": self.stage, "status": m.status if m else "missing", "stale": self.stale,
                 "config_sha256": config_hash(m) if m else None, "config": m.config if m else None,
                 "outputs": {k: a.model_dump() for k, a in m.outputs.items()} if m else {},
+                "stored_at": m.stored_at if m else None,
                 "sources": self.sources, "parents": [p.to_dict() for p in self.parents]}
 
 
@@ -91,6 +92,8 @@ def render(node: Node) -> list[str]:
         lines.append(f"{pad}{n.stage}: {m.status}  config {config_hash(m)}  output {m.output_id[:12]}  "
                      f"{m.ended_at or m.started_at}{flag}")
         inner = "    " * (depth + 1)
+        if m.stored_at:
+            lines.append(f"{inner}stored at {m.stored_at}")
         for key, art in m.outputs.items():
             lines.append(f"{inner}out {key}: {art.path}  sha256 {art.sha256[:12]}")
         for key, value in n.sources.items():

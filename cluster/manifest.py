@@ -42,6 +42,8 @@ class Manifest(BaseModel):
     started_at: str
     ended_at: str | None = None
     error: str | None = None
+    # The stage folder's copy in the recipe's artifact store, when it has one.
+    stored_at: str | None = None
 
     @property
     def output_id(self) -> str:

@@ -1,6 +1,8 @@
 """Runs stages: skips a stage whose finished manifest has the same fingerprint, resumes one
 that failed or was killed (its folder is kept for its checkpoints), and starts afresh when
-the config or inputs changed."""
+the config or inputs changed. With an artifact store (`storage:` in the recipe), upstream
+folders missing on this node are downloaded from it, a stage finished there is restored
+instead of rerun, and each finished stage is uploaded."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import time
 import traceback
 from typing import Callable
 
+from cluster.artifact_store import ArtifactStore
 from cluster.config import Recipe
 from cluster.manifest import (
     Artifact,
@@ -33,8 +36,17 @@ def _echo(message: str) -> None:
 def stage_context(recipe: Recipe, name: str) -> StageContext:
     return StageContext(
         name=name, run=recipe.run, run_dir=recipe.run_dir, stage_dir=recipe.run_dir / name,
-        stage_config=recipe.stage_config,
+        stage_config=recipe.stage_config, storage=recipe.storage,
     )
+
+
+def _restore_upstream(store: ArtifactStore, ctx: StageContext, need: str, echo: Callable[[str], None]) -> None:
+    """Download an upstream stage's folder from the store when this node has no finished one."""
+    local = read_manifest(ctx.run_dir / need)
+    if local is not None and local.status == "finished":
+        return
+    if store.pull(ctx.run, need, ctx.run_dir / need) is not None:
+        echo(f"aero: {need}: downloaded from {store.stage_uri(ctx.run, need)}")
 
 
 def run_stage(recipe: Recipe, name: str, *, echo: Callable[[str], None] = _echo) -> Manifest:
@@ -42,12 +54,22 @@ def run_stage(recipe: Recipe, name: str, *, echo: Callable[[str], None] = _echo)
     stage = load_stage(name)
     config = recipe.stage_config(name)
     ctx = stage_context(recipe, name)
+    store = ArtifactStore(recipe.storage) if recipe.storage else None
+    for need in stage.needs if store else ():
+        _restore_upstream(store, ctx, need, echo)
     inputs = {f"stage:{need}": ctx.upstream(need).output_id for need in stage.needs}
     inputs.update(stage.outside_inputs(ctx, config))
     config_json = config.model_dump(mode="json")
     print_ = fingerprint(name, config_json, inputs)
 
     previous = read_manifest(ctx.stage_dir)
+    done_here = previous is not None and previous.fingerprint == print_ and previous.status == "finished"
+    if store is not None and not done_here and not stage.always_run:
+        stored = store.read_manifest(recipe.run, name)
+        if stored is not None and stored.status == "finished" and stored.fingerprint == print_:
+            shutil.rmtree(ctx.stage_dir, ignore_errors=True)
+            previous = store.pull(recipe.run, name, ctx.stage_dir)
+            echo(f"aero: {name}: finished in {store.stage_uri(recipe.run, name)}; downloaded")
     if previous is not None and previous.fingerprint == print_ and previous.status == "finished" and not stage.always_run:
         echo(f"aero: {name}: finished earlier with the same config and inputs; skipped")
         return previous
@@ -80,7 +102,12 @@ def run_stage(recipe: Recipe, name: str, *, echo: Callable[[str], None] = _echo)
     manifest.metrics = {**result.metrics, "wall_s": round(time.monotonic() - start, 3)}
     manifest.status = "finished"
     manifest.ended_at = utc_now()
+    if store is not None:
+        manifest.stored_at = store.stage_uri(recipe.run, name)
     write_manifest(ctx.stage_dir, manifest)
+    if store is not None and not stage.always_run:
+        store.push(ctx.stage_dir, recipe.run, name)
+        echo(f"aero: {name}: uploaded to {manifest.stored_at}")
     echo(f"aero: {name}: finished in {manifest.metrics['wall_s']:.1f}s")
     return manifest
 

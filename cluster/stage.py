@@ -37,6 +37,18 @@ class StageContext:
     stage_dir: Path
     # Another stage's validated config from the same recipe (the `tune` stage searches over one).
     stage_config: Callable[[str], Any] | None = None
+    # The recipe's artifact store URI, if any (cluster/artifact_store.py).
+    storage: str | None = None
+
+    @property
+    def checkpoint_storage(self) -> str:
+        """Ray Train / Tune `storage_path`: the stage's `ray_results` in the artifact store when
+        the recipe has one (so a rerun on any node resumes), else in the stage folder."""
+        if self.storage:
+            from cluster.artifact_store import ArtifactStore
+
+            return ArtifactStore(self.storage).stage_uri(self.run, self.name, "ray_results")
+        return str((self.stage_dir / "ray_results").resolve())
 
     def upstream(self, stage: str) -> Manifest:
         """The finished manifest of an earlier stage of this run, or a clear error."""

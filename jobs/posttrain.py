@@ -131,7 +131,7 @@ def run(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> StageResult:
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(
-            name=kind, storage_path=str((ctx.stage_dir / "ray_results").resolve()),
+            name=kind, storage_path=ctx.checkpoint_storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),

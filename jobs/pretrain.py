@@ -129,7 +129,7 @@ def run(ctx: StageContext, cfg: PretrainConfig) -> StageResult:
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(
             name="pretrain",
-            storage_path=str((ctx.stage_dir / "ray_results").resolve()),
+            storage_path=ctx.checkpoint_storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),

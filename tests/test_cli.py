@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import aero
+from tests.conftest import REPO, aero
 
 COMMANDS = [
     [], ["run"], ["pipeline"], ["submit"], ["version"], ["jobs"], ["jobs", "list"], ["jobs", "logs"],
@@ -50,3 +50,10 @@ def test_submit_outside_project_is_refused_before_contacting_ray(tmp_path):
     result = aero("submit", "pipeline", str(recipe), "--address=http://127.0.0.1:9")
     assert result.returncode == 2
     assert "inside the project folder" in result.stderr
+
+
+def test_submit_warns_when_the_run_folder_would_stay_in_the_jobs_temporary_folder():
+    recipe = REPO / "tests" / "data" / "submit-recipe.yaml"  # runs_dir: the default, relative
+    result = aero("submit", "data", str(recipe), "--address=http://127.0.0.1:9")
+    assert result.returncode == 2 and "cannot reach the Ray Jobs API" in result.stderr
+    assert "warning: runs_dir 'runs' is relative" in result.stderr and "storage: s3://" in result.stderr

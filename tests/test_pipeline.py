@@ -1,10 +1,11 @@
 """`aero pipeline` end to end as a user runs it: the real CLI in its own process, killed during
-pretraining, rerun to completion."""
+pretraining, rerun to completion, then restored from its artifact store on a "fresh node"."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster.manifest import read_manifest
+from cluster.manifest import hash_path, read_manifest
 from tests.conftest import AERO, LENIENT_QUALITY, REPO, aero
 
 STEPS, EVERY = 24, 4
@@ -22,7 +23,7 @@ STEPS, EVERY = 24, 4
 def _write_recipe(runs: Path) -> Path:
     path = runs / "e2e.yaml"
     path.write_text(
-        f"run: e2e\nruns_dir: {runs}\nstages: [data, tokenizer, pretrain]\n"
+        f"run: e2e\nruns_dir: {runs}\nstages: [data, tokenizer, pretrain]\nstorage: file://{runs}/store\n"
         "data:\n  sources: ['stdlib:docs']\n  val_fraction: 0.2\n" + LENIENT_QUALITY +
         "tokenizer: {vocab_size: 512, seq_len: 64}\n"
         f"pretrain: {{steps: {STEPS}, global_batch: 8, micro_batch: 2, warmup_steps: 2, lr: 3.0e-3,\n"
@@ -52,7 +53,8 @@ def _logged_steps(path: Path) -> list[int]:
 def test_pipeline_killed_during_pretraining_resumes_from_its_checkpoint_on_rerun(ray_cluster, tmp_path):
     config = _write_recipe(tmp_path)
     stage_dir = tmp_path / "e2e" / "pretrain"
-    checkpoints = stage_dir / "ray_results" / "pretrain"
+    # Ray Train checkpoints straight into the artifact store.
+    checkpoints = tmp_path / "store" / "e2e" / "pretrain" / "ray_results" / "pretrain"
     log = tmp_path / "first.log"
     with log.open("w") as out:
         first = subprocess.Popen([*AERO, "pipeline", str(config), "--no-serve"], cwd=REPO, stdout=out,
@@ -87,5 +89,23 @@ def test_pipeline_killed_during_pretraining_resumes_from_its_checkpoint_on_rerun
     # The rerun starts after the last checkpoint the first attempt committed, not at step 1.
     assert resumed == list(range(committed + 1, STEPS + 1)), (committed, resumed)
     assert "report: " in rerun.stdout and (tmp_path / "e2e" / "report.html").stat().st_size > 1000
+
+    # Every finished stage is in the store; the checkpoints never were in the local folder.
+    for stage in ("data", "tokenizer", "pretrain"):
+        assert read_manifest(tmp_path / "store" / "e2e" / stage).status == "finished", stage
+    assert (tmp_path / "store/e2e/pretrain/model/model.safetensors").is_file()
+    assert not (stage_dir / "ray_results").exists()
+    # A fresh node: no local run folder. Each stage comes back from the store instead of rerunning.
+    shutil.rmtree(tmp_path / "e2e")
+    again = aero("pipeline", str(config), "--no-serve", timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ("data", "tokenizer", "pretrain"):
+        assert f"{stage}: finished in file://{tmp_path}/store/e2e/{stage}; downloaded" in again.stderr, again.stderr
+        assert f"{stage}: finished earlier with the same config and inputs; skipped" in again.stderr
+    assert "running ->" not in again.stderr
+    assert read_manifest(stage_dir).metrics["step"] == STEPS
+    model = Path(read_manifest(stage_dir).outputs["model"].path)
+    assert hash_path(model) == read_manifest(stage_dir).outputs["model"].sha256
     chain = aero("runs", "show", "e2e", f"--runs-dir={tmp_path}", "--lineage")
     assert chain.returncode == 0 and "<- tokenizer: finished" in chain.stdout and "<- data: finished" in chain.stdout
+    assert f"stored at file://{tmp_path}/store/e2e/pretrain" in chain.stdout

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from cluster.artifact_store import join_uri
 from cluster.config import nested
 from cluster.errors import UserError
 from cluster.manifest import atomic_write_text
@@ -76,7 +77,7 @@ def expected_trials(cfg: TuneConfig) -> int:
     return cfg.num_samples * grid
 
 
-def build_tuner(cfg: TuneConfig, section: dict[str, Any], inputs: dict[str, Any], storage: Path, ended):
+def build_tuner(cfg: TuneConfig, section: dict[str, Any], inputs: dict[str, Any], storage: str, ended):
     from ray import tune
 
     from tune.trainable import pretrain_trial, trl_trial
@@ -86,9 +87,9 @@ def build_tuner(cfg: TuneConfig, section: dict[str, Any], inputs: dict[str, Any]
     else:
         trial = tune.with_parameters(trl_trial, kind=cfg.stage, section=section, paths=inputs, metric=cfg.metric)
     trainable = tune.with_resources(trial, {"cpu": cfg.cpus_per_trial})
-    if tune.Tuner.can_restore(str(storage / "tune")):
+    if tune.Tuner.can_restore(join_uri(storage, "tune")):
         # The saved run config (with the callback) comes back with the experiment state.
-        return tune.Tuner.restore(str(storage / "tune"), trainable=trainable, resume_unfinished=True,
+        return tune.Tuner.restore(join_uri(storage, "tune"), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False), True
     return tune.Tuner(
         trainable,
@@ -97,7 +98,7 @@ def build_tuner(cfg: TuneConfig, section: dict[str, Any], inputs: dict[str, Any]
             metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples, time_budget_s=cfg.time_budget_s,
             scheduler=_scheduler(cfg), search_alg=_searcher(cfg), max_concurrent_trials=cfg.max_concurrent,
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(storage), callbacks=[ended],
+        run_config=tune.RunConfig(name="tune", storage_path=storage, callbacks=[ended],
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
     ), False
 
@@ -180,8 +181,7 @@ def run(ctx: StageContext, cfg: TuneConfig) -> StageResult:
 
         inputs = prepare_paths(cfg.stage, _tuned_context(ctx, cfg), stage.config_model.model_validate(section))
     record = ctx.stage_dir / "ended_trials.txt"
-    storage = (ctx.stage_dir / "ray_results").resolve()
-    tuner, restored = build_tuner(cfg, section, inputs, storage, _ended_trials(record))
+    tuner, restored = build_tuner(cfg, section, inputs, ctx.checkpoint_storage, _ended_trials(record))
     if restored:
         print("aero: tune: restoring the interrupted search (finished trials are kept)", flush=True)
     start = time.monotonic()
