@@ -188,10 +188,14 @@ def serve_command(
             serve.shutdown()
             typer.echo("serve: shut down")
             return
+        def plain(value) -> str:  # Ray's status enums print as `ApplicationStatus.RUNNING`
+            return str(getattr(value, "value", value))
+
         for name, app_status in serve.status().applications.items():
-            typer.echo(f"{name}: {app_status.status}")
+            typer.echo(f"{name}: {plain(app_status.status)}")
             for dep, d in app_status.deployments.items():
-                typer.echo(f"  {dep}: {d.status} {dict(d.replica_states)}")
+                replicas = ", ".join(f"{n} {plain(state)}" for state, n in d.replica_states.items())
+                typer.echo(f"  {dep}: {plain(d.status)} (replicas: {replicas or 'none'})")
         return
     _keep_serving(recipe, run_stage(recipe, "serve"))
 

@@ -1,5 +1,6 @@
 """`aero pipeline` end to end as a user runs it: the real CLI in its own process, killed during
-pretraining, rerun to completion, then restored from its artifact store on a "fresh node"."""
+pretraining, rerun to completion and serving, then restored from its artifact store on a
+"fresh node"."""
 
 from __future__ import annotations
 
@@ -11,23 +12,28 @@ import subprocess
 import time
 from pathlib import Path
 
+import openai
 import psutil
 import pytest
 
 from cluster.manifest import hash_path, read_manifest
-from tests.conftest import AERO, LENIENT_QUALITY, REPO, aero
+from tests.conftest import AERO, LENIENT_QUALITY, REPO, aero, free_port
 
 STEPS, EVERY = 24, 4
+KEYS = {"AERO_API_KEYS": "e2e-key"}
 
 
-def _write_recipe(runs: Path) -> Path:
+def _write_recipe(runs: Path, port: int) -> Path:
     path = runs / "e2e.yaml"
     path.write_text(
-        f"run: e2e\nruns_dir: {runs}\nstages: [data, tokenizer, pretrain]\nstorage: file://{runs}/store\n"
+        f"run: e2e\nruns_dir: {runs}\nstages: [data, tokenizer, pretrain, serve]\nstorage: file://{runs}/store\n"
         "data:\n  sources: ['stdlib:docs']\n  val_fraction: 0.2\n" + LENIENT_QUALITY +
         "tokenizer: {vocab_size: 512, seq_len: 64}\n"
         f"pretrain: {{steps: {STEPS}, global_batch: 8, micro_batch: 2, warmup_steps: 2, lr: 3.0e-3,\n"
         f"           checkpoint_every: {EVERY}, eval_every: 12, scaling: {{num_workers: 2}}}}\n"
+        # Moderation, Q&A and feedback are exercised on the full chain (tests/test_serve.py).
+        f"serve: {{port: {port}, ingress: {{num_cpus: 0}}, moderation: {{enabled: false}}, feedback: {{enabled: false}},\n"
+        "        models: [{name: base, source: pretrain, deployment: {num_cpus: 0}}]}\n"
     )
     return path
 
@@ -51,13 +57,14 @@ def _logged_steps(path: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_pipeline_killed_during_pretraining_resumes_from_its_checkpoint_on_rerun(ray_cluster, tmp_path):
-    config = _write_recipe(tmp_path)
+    port = free_port()
+    config = _write_recipe(tmp_path, port)
     stage_dir = tmp_path / "e2e" / "pretrain"
     # Ray Train checkpoints straight into the artifact store.
     checkpoints = tmp_path / "store" / "e2e" / "pretrain" / "ray_results" / "pretrain"
     log = tmp_path / "first.log"
     with log.open("w") as out:
-        first = subprocess.Popen([*AERO, "pipeline", str(config), "--no-serve"], cwd=REPO, stdout=out,
+        first = subprocess.Popen([*AERO, "pipeline", str(config)], cwd=REPO, stdout=out, env={**os.environ, **KEYS},
                                  stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 400
@@ -78,8 +85,20 @@ def test_pipeline_killed_during_pretraining_resumes_from_its_checkpoint_on_rerun
     committed = _committed_step(checkpoints)
     assert committed < STEPS and max(done_before) >= committed
 
-    rerun = aero("pipeline", str(config), "--no-serve", timeout=600)
+    rerun = aero("pipeline", str(config), timeout=600, env=KEYS)
     assert rerun.returncode == 0, rerun.stderr[-3000:] + rerun.stdout[-2000:]
+    try:
+        # On a cluster the pipeline leaves the model served and returns.
+        assert f"serving base: http://127.0.0.1:{port}/v1" in rerun.stdout, rerun.stdout
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEYS["AERO_API_KEYS"], max_retries=0)
+        done = client.completions.create(model="base", prompt="The for statement", max_tokens=4, temperature=0)
+        assert done.usage.completion_tokens == 4 and done.choices[0].finish_reason == "length"
+        status = aero("serve", str(config), "--status")
+        assert status.returncode == 0, status.stderr
+        assert "aero: RUNNING" in status.stdout and "llm-base: HEALTHY (replicas: 1 RUNNING)" in status.stdout, status.stdout
+    finally:
+        shutdown = aero("serve", str(config), "--shutdown")
+    assert shutdown.returncode == 0 and "serve: shut down" in shutdown.stdout, shutdown.stderr
     assert "data: finished earlier with the same config and inputs; skipped" in rerun.stderr
     assert "tokenizer: finished earlier with the same config and inputs; skipped" in rerun.stderr
     assert "pretrain: last attempt is running; resuming" in rerun.stderr
@@ -97,7 +116,7 @@ def test_pipeline_killed_during_pretraining_resumes_from_its_checkpoint_on_rerun
     assert not (stage_dir / "ray_results").exists()
     # A fresh node: no local run folder. Each stage comes back from the store instead of rerunning.
     shutil.rmtree(tmp_path / "e2e")
-    again = aero("pipeline", str(config), "--no-serve", timeout=300)
+    again = aero("pipeline", str(config), "--no-serve", timeout=300)  # restoring is the point here
     assert again.returncode == 0, again.stderr[-3000:]
     for stage in ("data", "tokenizer", "pretrain"):
         assert f"{stage}: finished in file://{tmp_path}/store/e2e/{stage}; downloaded" in again.stderr, again.stderr
