@@ -97,6 +97,32 @@ def test_the_labeled_set_and_its_checks(tmp_path):
         load_labeled(bad)
 
 
+def test_the_classifier_with_ngrams_saves_as_safetensors_and_json_and_loads_the_same(tmp_path):
+    import numpy as np
+
+    from serve.moderation.classifier import Classifier, Featurizer, primary, train
+
+    per_class: dict[str, list] = {}
+    for e in split(load_labeled())[0]:
+        per_class.setdefault(primary(e), []).append(e)
+    small = [e for group in per_class.values() for e in group[:6]]
+    featurizer = Featurizer()
+    trained = train(small, featurizer, ngram_weight=0.5)
+    trained.save(tmp_path / "clf")
+    assert {p.name for p in (tmp_path / "clf").iterdir()} == {"classifier.safetensors", "classifier.json", "ngrams.json"}
+    loaded = Classifier.load(tmp_path / "clf")
+    texts = ["How do I sort a list in Python?", "I will find you and hurt you.", "x" * (CHUNK_CHARS * 3)]
+    feats = featurizer(texts)
+    assert loaded.weights.shape[1] == 385 + len(loaded.vectorizer.vocabulary_)  # embedding + lexicon + n-grams
+    assert np.allclose(loaded.scores(feats, 3), trained.scores(feats, 3), atol=1e-6)
+    assert np.allclose(loaded.harmful(feats, 3), trained.harmful(feats, 3), atol=1e-6)
+    (tmp_path / "clf" / "ngrams.json").unlink()
+    with pytest.raises(UserError, match="ngrams.json is missing"):
+        Classifier.load(tmp_path / "clf")
+    plain = train(small, featurizer, ngram_weight=0.0)  # embeddings + lexicon only
+    assert plain.vectorizer is None and plain.weights.shape[1] == 385
+
+
 def test_guard_answers_are_parsed_or_refused():
     assert parse_answer("safe") == []
     assert parse_answer("unsafe\nS1,S10") == ["hate", "illicit/violent"]

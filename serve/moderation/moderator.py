@@ -65,9 +65,9 @@ class Moderator:
         todo = [i for i in todo if keys[i] not in self._cache]
         if todo:
             cleaned = [cleaned[i] for i in todo]
-            x, owner = self.featurize(cleaned)
-            scores = self.classifier.scores(x, owner, len(todo))
-            harmful = self.classifier.harmful(x, owner, len(todo))
+            feats = self.featurize(cleaned)
+            scores = self.classifier.scores(feats, len(todo))
+            harmful = self.classifier.harmful(feats, len(todo))
             for j, i in enumerate(todo):
                 self._cache[keys[i]] = np.append(scores[j], harmful[j])
                 while len(self._cache) > self._cache_size:

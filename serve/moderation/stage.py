@@ -26,6 +26,8 @@ class ModerationStageConfig(StrictModel):
     labeled: list[str] = Field(default_factory=list, description="more labeled JSONL files ({text, labels, lang})")
     heldout_every: int = Field(default=4, ge=2, description="every k-th example per class is held out")
     c: float = Field(default=16.0, gt=0, description="inverse regularization of the logistic regression")
+    ngram_weight: float = Field(default=0.5, ge=0, description="weight of the character n-gram TF-IDF features "
+                                                                 "beside the embeddings (0: embeddings + lexicon only)")
     target_fpr: float = Field(default=0.05, gt=0, lt=1,
                               description="the operating point: false-positive rate on benign training examples "
                                           "in cross-validation")
@@ -97,7 +99,7 @@ def train_and_evaluate(cfg: ModerationStageConfig, out: Path) -> dict:
     examples = [e for path in labeled_files(cfg) for e in load_labeled(path)]
     train_set, heldout = split(examples, cfg.heldout_every)
     featurizer = Featurizer()
-    classifier = train(train_set, featurizer, c=cfg.c, target_fpr=cfg.target_fpr)
+    classifier = train(train_set, featurizer, c=cfg.c, target_fpr=cfg.target_fpr, ngram_weight=cfg.ngram_weight)
     classifier.save(out / "classifier")
     moderator = Moderator(ModerationConfig(), str(out / "classifier"), featurizer=featurizer)
     ev = {"train": len(train_set), "threshold": moderator.threshold, "cv": classifier.meta["cv"],
