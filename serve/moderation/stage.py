@@ -25,12 +25,16 @@ class ModerationStageConfig(StrictModel):
     use_shipped: bool = Field(default=True, description="train on the labeled set shipped in serve/moderation/")
     labeled: list[str] = Field(default_factory=list, description="more labeled JSONL files ({text, labels, lang})")
     heldout_every: int = Field(default=4, ge=2, description="every k-th example per class is held out")
-    c: float = Field(default=16.0, gt=0, description="inverse regularization of the logistic regression")
-    ngram_weight: float = Field(default=0.5, ge=0, description="weight of the character n-gram TF-IDF features "
-                                                                 "beside the embeddings (0: embeddings + lexicon only)")
+    epochs: int = Field(default=6, ge=1, description="fine-tuning epochs of the MiniLM encoder + head")
+    lr: float = Field(default=5e-5, gt=0, description="encoder learning rate (AdamW)")
+    head_lr: float = Field(default=1e-3, gt=0, description="head learning rate")
+    batch_size: int = Field(default=16, ge=1)
+    seed: int = 0
+    calibration: float = Field(default=0.2, gt=0, lt=0.5, description="share of the training part set aside to "
+                                                                       "pick the operating point")
     target_fpr: float = Field(default=0.05, gt=0, lt=1,
-                              description="the operating point: false-positive rate on benign training examples "
-                                          "in cross-validation")
+                              description="the operating point: false-positive rate on the calibration part's "
+                                          "benign examples")
 
 
 def labeled_files(cfg: ModerationStageConfig) -> list[Path]:
@@ -77,8 +81,8 @@ def evaluate(moderator, heldout) -> dict:
 
 def table(ev: dict) -> str:
     lines = [f"Trained on {ev['train']} examples; operating point P(not benign) >= {ev['threshold']} (chosen by "
-             f"5-fold CV on the training part for FPR <= {ev['cv']['target_fpr']}: CV recall {ev['cv']['recall']}, "
-             f"CV FPR {ev['cv']['fpr']}).", "",
+             f"the calibration part ({ev['calibration']['examples']} training examples set aside) for FPR <= "
+             f"{ev['calibration']['target_fpr']}: recall {ev['calibration']['recall']}, FPR {ev['calibration']['fpr']}).", "",
              f"Held-out: {ev['harmful']} harmful, {ev['benign']} benign. **Recall on harmful {ev['recall_harmful']}**, "
              f"**false-positive rate on benign {ev['fpr_benign']}**, latency p50 {ev['latency_ms']['p50']} ms / "
              f"p95 {ev['latency_ms']['p95']} ms per request.", "",
@@ -93,16 +97,17 @@ def table(ev: dict) -> str:
 
 def train_and_evaluate(cfg: ModerationStageConfig, out: Path) -> dict:
     """Train on the split's train part, save to `out/classifier`, evaluate on the rest."""
-    from serve.moderation.classifier import Featurizer, load_labeled, split, train
+    from serve.moderation.classifier import load_labeled, split, train
     from serve.moderation.moderator import Moderator
 
     examples = [e for path in labeled_files(cfg) for e in load_labeled(path)]
     train_set, heldout = split(examples, cfg.heldout_every)
-    featurizer = Featurizer()
-    classifier = train(train_set, featurizer, c=cfg.c, target_fpr=cfg.target_fpr, ngram_weight=cfg.ngram_weight)
+    classifier = train(train_set, epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr, batch_size=cfg.batch_size,
+                       target_fpr=cfg.target_fpr, calibration=cfg.calibration, seed=cfg.seed)
     classifier.save(out / "classifier")
-    moderator = Moderator(ModerationConfig(), str(out / "classifier"), featurizer=featurizer)
-    ev = {"train": len(train_set), "threshold": moderator.threshold, "cv": classifier.meta["cv"],
+    moderator = Moderator(ModerationConfig(), str(out / "classifier"), classifier=classifier)
+    ev = {"train": classifier.meta["train_examples"], "threshold": moderator.threshold,
+          "calibration": classifier.meta["calibration"],
           **evaluate(moderator, heldout)}
     atomic_write_text(out / "eval.json", json.dumps(ev, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out / "eval.md", table(ev))
@@ -129,4 +134,4 @@ def _inputs(_ctx: StageContext, cfg: ModerationStageConfig) -> dict[str, str]:
 
 
 STAGE = Stage(name="moderation", config_model=ModerationStageConfig, run=run, outside_inputs=_inputs,
-              description="train + evaluate the moderation classifier (rules + MiniLM embeddings + lexicon)")
+              description="fine-tune + evaluate the moderation classifier (MiniLM + lexicon -> softmax head)")
