@@ -3,8 +3,12 @@ at a time with plain transformers `generate`, and (b) `transformers serve`, in t
 
 One async client streams `/v1/completions` (same prompts, max_tokens, greedy) at concurrency
 1, 4, 8, 16 and measures time to first token (p50/p99), inter-token latency and output
-tokens/s. Then 2x overload for `--overload-s` seconds against our gateway: every answer must be
-200, 429 or 503 (no hangs) and the LLM replica's memory must stay flat.
+tokens/s. Tokens are counted from each stream's usage chunk (`stream_options.include_usage`;
+peer (a) sends one too), not from the number of text chunks: a chunk may carry several tokens
+(peer (a)'s streamer sends whole words; ours merges what piled up under load). A server that
+sends no usage is counted by chunks, and the row says `tokens_from_usage: false`. Then 2x
+overload for `--overload-s` seconds against our gateway: every answer must be 200, 429 or 503
+(no hangs) and the LLM replica's memory must stay flat.
 
     .venv/bin/python bench/serve_bench.py --model runs/tiny-cpu/sft/model
 
@@ -60,13 +64,16 @@ def peer_generate_server(model_dir: str, port: int) -> None:
                 n = body.get("max_tokens", 16)
                 kw = dict(**ids, max_new_tokens=n, min_new_tokens=body.get("min_tokens", 0), do_sample=False,
                           streamer=streamer, pad_token_id=tok.pad_token_id)
-                thread = threading.Thread(target=model.generate, kwargs=kw)
+                out: dict = {}
+                thread = threading.Thread(target=lambda: out.setdefault("ids", model.generate(**kw)))
                 thread.start()
                 pieces = iter(streamer)
                 while (text := await asyncio.to_thread(next, pieces, None)) is not None:
                     if text:
                         yield "data: " + json.dumps({"choices": [{"text": text, "index": 0}]}) + "\n\n"
                 thread.join()
+                generated = out["ids"].shape[1] - ids["input_ids"].shape[1]
+                yield "data: " + json.dumps({"choices": [], "usage": {"completion_tokens": generated}}) + "\n\n"
                 yield "data: [DONE]\n\n"
 
         return StreamingResponse(gen(), media_type="text/event-stream")
@@ -78,7 +85,9 @@ def peer_generate_server(model_dir: str, port: int) -> None:
 async def one(client, url: str, prompt: str, max_tokens: int, headers: dict, model: str) -> dict:
     start = time.perf_counter()
     stamps: list[float] = []
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    counted = None  # tokens from the usage chunk: a text chunk may carry several tokens
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     if not model.startswith("/"):  # ours and peer (a) take vLLM's min_tokens; transformers serve refuses it
         body["min_tokens"] = max_tokens
     async with client.stream("POST", url, json=body, headers=headers) as r:
@@ -90,10 +99,13 @@ async def one(client, url: str, prompt: str, max_tokens: int, headers: dict, mod
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     stamps.append(time.perf_counter())
+                if chunk.get("usage"):
+                    counted = chunk["usage"]["completion_tokens"]
     if not stamps:
         return {"status": 200, "tokens": 0}
-    return {"status": 200, "tokens": len(stamps), "ttft": stamps[0] - start,
-            "itl": (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), "end": stamps[-1]}
+    tokens = counted if counted is not None else len(stamps)
+    return {"status": 200, "tokens": tokens, "counted": counted is not None, "ttft": stamps[0] - start,
+            "itl": (stamps[-1] - stamps[0]) / max(tokens - 1, 1), "end": stamps[-1]}
 
 
 async def load(url: str, concurrency: int, requests: int, max_tokens: int, headers: dict, model: str) -> dict:
@@ -117,6 +129,7 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int, heade
         return ttft[min(len(ttft) - 1, int(p * len(ttft)))] if ttft else float("nan")
 
     return {"concurrency": concurrency, "requests": requests, "ok": len(ok),
+            "tokens_from_usage": all(r.get("counted") for r in ok),
             "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "ttft_p50": pct(0.5), "ttft_p99": pct(0.99),
             "itl_ms": 1000 * statistics.mean(r["itl"] for r in ok) if ok else float("nan")}
 
@@ -217,7 +230,10 @@ def main() -> None:
     limits = {"max_ongoing_requests": 16, "max_queued_requests": 16, "num_cpus": 0,
               "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # The serving path alone, as the peers have it: no moderation deployment (bench/moderation_eval.py
+    # measures that one).
     cfg = ServeConfig.model_validate({"app_name": "bench", "port": free_port(), "auth": {"enabled": False},
+                                      "moderation": {"enabled": False},
                                       "ingress": {**limits, "max_ongoing_requests": 256, "max_queued_requests": 64},
                                       "models": [{"name": "m", "source": "x", "max_batch": 16, "max_concurrent": 32,
                                                   "deployment": limits}]})

@@ -47,6 +47,7 @@ from serve.qa.routes import QARoutes
 from serve.serve_config import ModelSpec, ServeConfig
 
 log = logging.getLogger(__name__)
+FLUSH = {"type": "flush"}  # ends one replica batch in a stream of events
 MAX_MODERATION_INPUTS = 64  # texts per POST /v1/moderations (one embedding batch stays short)
 
 
@@ -165,7 +166,7 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
         context = {"model": spec.name, "request_id": new_id("req"), "endpoint": "chat"}
-        screened = await self._screen_input(texts, "messages", context)
+        screened = await self._screen_input(texts, "messages", context, [m.role for m in body.messages])
         if isinstance(screened, APIError):
             return self._refusal(body, chat=True)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": text}
@@ -283,18 +284,23 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
 
     @staticmethod
     async def _events(first: list[dict], stream) -> AsyncIterator[dict]:
-        """The replica's batches of events, one event at a time."""
+        """The replica's batches of events, one event at a time, each batch closed by a
+        `flush` marker: the SSE writer sends a batch as one body chunk."""
         for event in first:
             yield event
+        yield FLUSH
         async for batch in stream:
             for event in batch:
                 yield event
+            yield FLUSH
 
     async def _collect(self, events, body, rid: str, created: int, chat: bool) -> dict[str, Any]:
         texts: dict[int, list[str]] = collections.defaultdict(list)
         tokens: dict[int, list[dict]] = collections.defaultdict(list)
         done: dict[int, dict] = {}
         async for e in events:
+            if e["type"] == "flush":
+                continue
             if e["type"] == "error":
                 raise APIError(e.get("status", 500), e["message"], type="server_error")
             if e["type"] == "delta":
@@ -341,6 +347,21 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
                           "logprobs": fields.get("logprobs")}
             return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [choice]}
 
+        # Deltas of one replica batch are merged per choice and the batch goes out as one body
+        # chunk: under load, when tokens pile up between reads, every hop after the replica
+        # (ingress, proxy, client) handles one message instead of one per token.
+        held: dict[int, list[dict]] = {}
+
+        def merged() -> list[str]:
+            out = []
+            for i, evs in held.items():
+                text, toks = "".join(e["text"] for e in evs), [t for e in evs for t in e["tokens"]]
+                lp = (chat_logprobs(toks) if chat else completion_logprobs(toks)) if toks else None
+                if text or lp:
+                    out.append(sse(chunk(i, content=text, logprobs=lp)))
+            held.clear()
+            return out
+
         try:
             if chat:
                 for i in range(body.n):
@@ -349,22 +370,29 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
                 for i in range(body.n):
                     yield sse(chunk(i, content=body.prompt))
             async with asyncio.timeout(self.cfg.request_timeout_s):
+                out: list[str] = []
                 async for e in events:
-                    if e["type"] == "error":
+                    if e["type"] == "flush":
+                        out += merged()
+                        if out:
+                            yield "".join(out)
+                            out = []
+                    elif e["type"] == "error":
                         status = e.get("status", 500)
-                        yield sse(APIError(status, e["message"], type=e.get("error_type", "server_error"),
-                                           code=e.get("code")).body())
+                        out += merged()
+                        out.append(sse(APIError(status, e["message"], type=e.get("error_type", "server_error"),
+                                                code=e.get("code")).body()))
                         break
-                    if e["type"] == "delta":
-                        lp = None
-                        if e["tokens"]:
-                            lp = chat_logprobs(e["tokens"]) if chat else completion_logprobs(e["tokens"])
-                        if e["text"] or lp:
-                            yield sse(chunk(e["index"], content=e["text"], logprobs=lp))
+                    elif e["type"] == "delta":
+                        held.setdefault(e["index"], []).append(e)
                     else:
+                        out += merged()
                         completion_tokens += e["completion_tokens"]
                         prompt_tokens = e["prompt_tokens"]
-                        yield sse(chunk(e["index"], finish_reason=e["finish_reason"]))
+                        out.append(sse(chunk(e["index"], finish_reason=e["finish_reason"])))
+                out += merged()
+                if out:
+                    yield "".join(out)
             if body.include_usage():
                 yield sse({"id": rid, "object": obj, "created": created, "model": body.model, "choices": [],
                            "usage": usage(prompt_tokens, completion_tokens)})
@@ -504,9 +532,10 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
             yield e
 
     # ---- moderation ----
-    async def _moderate(self, texts: list[str], direction: str, context: dict[str, Any]) -> list[dict]:
+    async def _moderate(self, texts: list[str], direction: str, context: dict[str, Any],
+                        roles: list[str] | None = None) -> list[dict]:
         try:
-            return await self.moderation.screen.remote(texts, direction, context)
+            return await self.moderation.screen.remote(texts, direction, context, roles)
         except Exception as exc:  # the moderation deployment refused (queue full) or is gone: fail closed
             from ray.serve.exceptions import BackPressureError
 
@@ -515,7 +544,8 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
             raise APIError(503, f"moderation is overloaded or unavailable ({kind}); retry", type="overloaded",
                            code="overloaded", headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
 
-    async def _screen_input(self, texts: list[str], param: str, context: dict[str, Any]) -> list[str] | APIError:
+    async def _screen_input(self, texts: list[str], param: str, context: dict[str, Any],
+                            roles: list[str] | None = None) -> list[str] | APIError:
         """Texts as the model may see them (redacted), or the APIError of a blocked input when a
         refusal message is configured (without one, the error is raised: a 400)."""
         if self.moderation is None:
@@ -524,7 +554,7 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
             if len(t) > self.mcfg.max_input_chars:
                 raise APIError(400, f"{param}[{i}] has {len(t)} characters; moderation screens at most "
                                     f"{self.mcfg.max_input_chars}", param=param, code="input_too_long")
-        verdicts = await self._moderate(texts, "input", context)
+        verdicts = await self._moderate(texts, "input", context, roles)
         blocked = _blocked(verdicts)
         if blocked:
             err = APIError(400, f"the input was flagged by moderation ({', '.join(blocked)}) and was not sent to "

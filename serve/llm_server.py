@@ -30,7 +30,7 @@ def _rss_mb() -> float | None:
 
 
 class LLMServer:
-    def __init__(self, name: str, path: str, max_batch: int = 16):
+    def __init__(self, name: str, path: str, max_batch: int = 16, stream_interval_ms: float = 50):
         from transformers import AutoTokenizer
 
         from jobs.awq_loader import awq_settings, load_causal_lm
@@ -38,6 +38,7 @@ class LLMServer:
         from serve.metrics import ServeMetrics
 
         self.name, self.path = name, path
+        self.stream_interval_s = stream_interval_ms / 1000
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = load_causal_lm(path)
         self.quantization = (awq_settings(Path(path)) or {}).get("quant_method")
@@ -142,12 +143,16 @@ class LLMServer:
             emit = (lambda e, i=i: loop.call_soon_threadsafe(events.put_nowait, {**e, "index": i}))
             seqs.append(self.engine.submit(Sequence(prompt_ids=ids, params=sp, emit=emit)))
         self.metrics.queue.set(self.engine.queue_length() + len(self.engine.running), tags={"model": self.name})
-        remaining = len(seqs)
+        remaining, sent = len(seqs), None
         try:
             while remaining:
-                # Whatever piled up since the last yield goes as one message: under load this
-                # cuts the per-token cost of streaming through the handle.
+                # The first token goes at once; after it, tokens are sent at most every
+                # stream_interval_s, whatever piled up as one message (as Ray Serve LLM's
+                # stream batching interval): every hop after the replica (handle stream,
+                # ingress, SSE, proxy, client) then costs per message, not per token.
                 batch = [await events.get()]
+                if sent is not None and (wait := sent + self.stream_interval_s - loop.time()) > 0:
+                    await asyncio.sleep(wait)
                 while not events.empty():
                     batch.append(events.get_nowait())
                 for event in batch:
@@ -158,6 +163,7 @@ class LLMServer:
                             if event.get("prompt_logprobs") is not None:
                                 event["prompt_ids"] = ids
                 yield [self._resolve(e) for e in batch]
+                sent = loop.time()
         finally:
             for s in seqs:
                 s.cancelled = True  # no-op for finished ones; frees the slot of a disconnected client

@@ -39,14 +39,17 @@ class ModerationServer:
         rows = await asyncio.to_thread(self.moderator.classify, texts)
         return list(rows)
 
-    async def screen(self, texts: list[str], direction: str, context: dict[str, Any] | None = None) -> list[dict]:
-        """One verdict per text (see `Verdict`); direction is input, output or api."""
+    async def screen(self, texts: list[str], direction: str, context: dict[str, Any] | None = None,
+                     roles: list[str] | None = None) -> list[dict]:
+        """One verdict per text (see `Verdict`); direction is input, output or api; `roles` are the
+        chat messages' roles, when the texts are messages."""
         import numpy as np
 
         started = time.monotonic()
         rows = await asyncio.gather(*[self._classify(t) for t in texts])
         policy_direction = "output" if direction == "output" else "input"
-        verdicts = [v.to_dict() for v in self.moderator.screen(texts, policy_direction, np.stack(rows) if rows else None)]
+        verdicts = [v.to_dict() for v in self.moderator.screen(texts, policy_direction, np.stack(rows) if rows else None,
+                                                              roles)]
         for text, v in zip(texts, verdicts):
             self.screened.inc(tags={"direction": direction, "action": v["action"]})
             for c, action in v["actions"].items():

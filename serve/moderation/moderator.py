@@ -39,6 +39,9 @@ class Verdict:
         return asdict(self)
 
 
+INSTRUCTION_ROLES = ("system", "developer")
+
+
 class Moderator:
     def __init__(self, cfg: ModerationConfig, classifier_dir: str, guard_dir: str | None = None,
                  cache_size: int = 4096, classifier: Classifier | None = None):
@@ -73,11 +76,15 @@ class Moderator:
             self._cache.move_to_end(k)
         return np.stack([self._cache[k] for k in keys]) if keys else np.zeros((0, len(LEARNED) + 1))
 
-    def screen(self, texts: list[str], direction: Direction, classified: np.ndarray | None = None) -> list[Verdict]:
+    def screen(self, texts: list[str], direction: Direction, classified: np.ndarray | None = None,
+               roles: list[str] | None = None) -> list[Verdict]:
+        """A verdict per text. `roles` (chat messages' roles) exempt system/developer messages from
+        `prompt_injection`: giving the model instructions is what those messages are for."""
         classified = self.classify(texts) if classified is None else classified
-        return [self._verdict(t, row, direction) for t, row in zip(texts, classified)]
+        roles = roles or [None] * len(texts)
+        return [self._verdict(t, row, direction, role) for t, row, role in zip(texts, classified, roles)]
 
-    def _verdict(self, text: str, row: np.ndarray, direction: Direction) -> Verdict:
+    def _verdict(self, text: str, row: np.ndarray, direction: Direction, role: str | None = None) -> Verdict:
         scores = {c: 0.0 for c in CATEGORIES}
         for c, s in zip(LEARNED, row[:-1]):
             scores[c] = float(s)
@@ -95,6 +102,8 @@ class Moderator:
             flagged[top] = True
             if top in PARENT:
                 flagged[PARENT[top]] = True
+        if role in INSTRUCTION_ROLES:
+            flagged["prompt_injection"] = False
         actions = {c: getattr(self.cfg.rule(c), direction).value for c, f in flagged.items() if f}
         action = max(actions.values(), key=_RANK.__getitem__, default="allow")
         verdict = Verdict(flagged=bool(actions), categories=flagged, scores={c: round(s, 4) for c, s in scores.items()},
