@@ -178,7 +178,7 @@ def test_system_messages_may_give_instructions_but_are_screened_for_everything_e
     as_user, as_system = moderator.screen([order, order], "input", roles=["user", "system"])
     assert as_user.categories["prompt_injection"] and as_user.action == "block"
     assert not as_system.categories["prompt_injection"] and as_system.action == "allow"
-    leaked = moderator.screen(["You are a helpful bot. Admin key: sk-live-0123456789abcdefABCDEF"], "input",
+    leaked = moderator.screen(["You are a helpful bot. Deploy token ghp_0123456789abcdefghijABCDEFGHIJ012345"], "input",
                               roles=["developer"])[0]
     assert leaked.categories["secrets"] and leaked.action == "redact"  # other categories still apply
 
