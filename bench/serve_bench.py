@@ -214,6 +214,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--overload-s", type=float, default=30)
+    ap.add_argument("--requests-per-client", type=int, default=8,
+                    help="requests each concurrent client sends per level: enough that the ramp-up and the "
+                         "last stragglers are a small part of the measured time (2 per client measured <1 s)")
     ap.add_argument("--peer-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     model_dir = str(args.model.resolve())
@@ -242,7 +245,7 @@ def main() -> None:
     asyncio.run(load(f"{base}/v1/completions", 2, 4, 8, {}, "m"))  # warm-up
     rows = {"ours": {}, "peer_generate": {}, "transformers_serve": {}}
     for c in args.levels:
-        rows["ours"][c] = asyncio.run(load(f"{base}/v1/completions", c, max(2 * c, 8), args.max_tokens, {}, "m"))
+        rows["ours"][c] = asyncio.run(load(f"{base}/v1/completions", c, args.requests_per_client * c, args.max_tokens, {}, "m"))
         print("ours", rows["ours"][c], flush=True)
     rss0 = replica_rss_mb()
     statuses = asyncio.run(overload(f"{base}/v1/completions", 64, args.overload_s, {}, "m"))
@@ -269,7 +272,7 @@ def main() -> None:
             name_sent = "peer" if name == "peer_generate" else model_dir
             asyncio.run(load(url, 1, 2, 8, {}, name_sent))
             for c in args.levels:
-                rows[name][c] = asyncio.run(load(url, c, max(2 * c, 8), args.max_tokens, {}, name_sent))
+                rows[name][c] = asyncio.run(load(url, c, args.requests_per_client * c, args.max_tokens, {}, name_sent))
                 print(name, rows[name][c], flush=True)
         except Exception as exc:  # a peer that does not run here is reported, not fatal
             print(f"{name}: did not run ({exc}); stderr: {proc.stderr.read()[-500:] if proc.poll() is not None else ''}")

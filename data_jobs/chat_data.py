@@ -6,9 +6,10 @@ Made honestly from the corpus, each with a right answer taken from the text itse
 - prose: "Explain <title>." -> the document's opening paragraph; "Continue this passage about
   <title>: <first sentence>" -> the rest of a later paragraph;
 - code: "Complete this Python function: <signature + docstring>" -> its real body (`ast`).
-Preference pairs: chosen = the right answer; rejected = another document's answer (wrong
-topic, from another kind of task when there is one), the answer's words shuffled, or the
-answer cut off after a third. Train/held-out
+Preference pairs: chosen = the right answer; rejected = each of: another document's answer
+(wrong topic, from another kind of task when there is one), the answer's words shuffled, the
+answer cut off after a third -- one pair per kind, so the reward model learns all three from
+every answer (one kind per answer left it 350 pairs, and it overfit). Train/held-out
 follows the corpus split of the source document, so no document feeds both.
 Records go to jsonl in TRL's conversational prompt-completion and preference forms.
 """
@@ -147,15 +148,15 @@ def corpus_pairs(documents: list[dict], cfg: ChatDataConfig) -> dict[str, list[d
             for p in pairs
         ]
         prefs = []
-        for i, p in enumerate(pairs):
-            kind = cfg.rejected_kinds[i % len(cfg.rejected_kinds)]
-            rejected = _rejected(kind, p, pairs, rng)
-            if rejected is None or rejected.strip() == p["answer"].strip():
-                continue
-            prefs.append({"prompt": [{"role": "user", "content": p["prompt"]}],
-                          "chosen": [{"role": "assistant", "content": p["answer"]}],
-                          "rejected": [{"role": "assistant", "content": rejected}],
-                          "rejected_kind": kind, "task": p["task"], "doc_id": p["doc_id"]})
+        for p in pairs:
+            for kind in cfg.rejected_kinds:
+                rejected = _rejected(kind, p, pairs, rng)
+                if rejected is None or rejected.strip() == p["answer"].strip():
+                    continue
+                prefs.append({"prompt": [{"role": "user", "content": p["prompt"]}],
+                              "chosen": [{"role": "assistant", "content": p["answer"]}],
+                              "rejected": [{"role": "assistant", "content": rejected}],
+                              "rejected_kind": kind, "task": p["task"], "doc_id": p["doc_id"]})
         out[f"prefs_{split}"] = prefs
     return out
 

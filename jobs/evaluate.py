@@ -34,7 +34,7 @@ class EvalConfig(StrictModel):
     baseline: str = Field(default="sft", description="win rates are against this policy")
     reward_stage: str = "reward"
     ppl_sequences: int = Field(default=64, ge=1)
-    records: int = Field(default=64, ge=1, description="held-out instruction / preference records scored")
+    records: int = Field(default=256, ge=1, description="held-out instruction / preference records scored (at most)")
     prompts: int = Field(default=32, ge=1, description="held-out prompts answered by each policy")
     max_new_tokens: int = Field(default=48, ge=1)
     temperature: float = Field(default=0.7, ge=0, description="sampling temperature of the answers; 0 = greedy")

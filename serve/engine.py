@@ -200,8 +200,9 @@ class Engine:
             position_ids=self.positions[:, None], cache=self.kv.cache(), use_cache=True)
         self.kv.absorb(out.cache)
         self.positions = self.positions + 1
-        logits = out.logits[:, -1, :].float()
-        tokens = [self._next(seq, logits[i]) for i, seq in enumerate(self.running)]
+        logits = self._mask_early_stops(out.logits[:, -1, :].float(), self.running)
+        greedy = logits.argmax(-1).tolist()  # one op for the batch, not one per sequence
+        tokens = [self._next(seq, logits[i], greedy[i]) for i, seq in enumerate(self.running)]
         self.last = torch.tensor(tokens)
         self.steps += 1
         self._drop_finished()
@@ -216,7 +217,8 @@ class Engine:
         if seq.params.echo:
             logp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
             seq.prompt_logprobs = [None] + logp.gather(1, ids[0, 1:, None])[:, 0].tolist()
-        token = self._next(seq, out.logits[0, -1].float())
+        logits = self._mask_early_stops(out.logits[0, -1:].float(), [seq])
+        token = self._next(seq, logits[0], int(logits[0].argmax()))
         self.kv.add(out.cache, len(seq.prompt_ids))
         pos = torch.tensor([len(seq.prompt_ids)])
         last = torch.tensor([token])
@@ -224,16 +226,24 @@ class Engine:
         self.last = last if self.last is None else torch.cat([self.last, last])
         self.running.append(seq)
 
-    def _next(self, seq: Sequence, logits) -> int:
-        """Sample one token for `seq`, record it, emit its text; marks `seq` done when it ends."""
+    def _mask_early_stops(self, logits, seqs: list[Sequence]):
+        """End-of-sequence tokens masked (in place, [batch, vocab]) for the rows still under
+        their `min_tokens`."""
+        import torch
+
+        rows = [i for i, s in enumerate(seqs) if len(s.generated) < s.params.min_tokens]
+        if rows and self.stop_ids:
+            logits[torch.tensor(rows)[:, None], torch.tensor(sorted(self.stop_ids))[None, :]] = float("-inf")
+        return logits
+
+    def _next(self, seq: Sequence, logits, greedy: int) -> int:
+        """Sample one token for `seq` (`greedy`: the argmax of its `logits`), record it, emit
+        its text; marks `seq` done when it ends."""
         import torch
 
         p = seq.params
-        if len(seq.generated) < p.min_tokens and self.stop_ids:
-            logits = logits.clone()
-            logits[list(self.stop_ids)] = float("-inf")
         if p.temperature <= 0:
-            token = int(torch.argmax(logits))
+            token = greedy
         else:
             probs = torch.softmax(logits / p.temperature, dim=-1)
             if p.top_p < 1.0:

@@ -31,7 +31,7 @@ def _write_recipe(runs: Path, port: int) -> Path:
         "tokenizer: {vocab_size: 512, seq_len: 64}\n"
         f"pretrain: {{steps: {STEPS}, global_batch: 8, micro_batch: 2, warmup_steps: 2, lr: 3.0e-3,\n"
         f"           checkpoint_every: {EVERY}, eval_every: 12, scaling: {{num_workers: 2}}}}\n"
-        # Moderation, Q&A and feedback are exercised on the full chain (tests/test_serve.py).
+        # Moderation, Q&A and feedback are exercised on the full chain (tests/serving/).
         f"serve: {{port: {port}, ingress: {{num_cpus: 0}}, moderation: {{enabled: false}}, feedback: {{enabled: false}},\n"
         "        models: [{name: base, source: pretrain, deployment: {num_cpus: 0}}]}\n"
     )

@@ -35,6 +35,12 @@ def test_chat_data_pairs_come_from_the_corpus_split_by_document(post_run):
     prefs = _jsonl(folder / "prefs_train.jsonl")
     assert {r["rejected_kind"] for r in prefs} == {"wrong_topic", "shuffled", "truncated"}
     assert all(r["chosen"][0]["content"] != r["rejected"][0]["content"] for r in prefs)
+    kinds_per_answer: dict[str, set] = {}
+    for r in prefs:
+        kinds_per_answer.setdefault(r["chosen"][0]["content"], set()).add(r["rejected_kind"])
+    # Every answer is paired with every kind of rejected answer that applies to it (a short
+    # answer cannot be shuffled or cut), so most answers have all three.
+    assert sum(len(k) == 3 for k in kinds_per_answer.values()) > len(kinds_per_answer) / 2
     function = next(r for r in train if r["task"] == "complete_function")
     assert function["prompt"][0]["content"].startswith("Complete this Python function:\ndef ")
 

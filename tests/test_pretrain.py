@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import psutil
-import yaml
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -19,7 +17,7 @@ from cluster.errors import ConfigError, UserError
 from cluster.manifest import read_manifest
 from cluster.runner import run_stage
 from jobs.pretrain import read_history
-from tests.conftest import LENIENT_QUALITY
+from tests.conftest import copy_corpus
 
 PRETRAIN = {
     "steps": 16, "global_batch": 8, "micro_batch": 2, "warmup_steps": 2, "lr": 3e-3,
@@ -28,24 +26,15 @@ PRETRAIN = {
 
 
 @pytest.fixture(scope="module")
-def corpus_run(ray_cluster, tmp_path_factory):
-    """data + tokenizer once; each test copies them into its own run."""
+def corpus_run(docs_corpus, tmp_path_factory):
+    """The session's data + tokenizer as the run `base`; each test copies them into its own run."""
     runs = tmp_path_factory.mktemp("pretrain_runs")
-    recipe = build_recipe({
-        "run": "base", "runs_dir": str(runs), "stages": ["data", "tokenizer"],
-        "data": {"sources": ["stdlib:docs"], "val_fraction": 0.2, **yaml.safe_load("data:\n" + LENIENT_QUALITY)["data"]},
-        "tokenizer": {"vocab_size": 512, "seq_len": 64},
-    })
-    for stage in recipe.stages:
-        run_stage(recipe, stage)
+    copy_corpus(docs_corpus, runs)
     return runs
 
 
 def _recipe(runs: Path, run: str, **pretrain):
-    target = runs / run
-    if not target.exists():
-        for stage in ("data", "tokenizer"):
-            shutil.copytree(runs / "base" / stage, target / stage)
+    copy_corpus(runs / "base", runs, run)
     return build_recipe({"run": run, "runs_dir": str(runs), "stages": ["pretrain"], "pretrain": {**PRETRAIN, **pretrain}})
 
 

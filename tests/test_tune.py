@@ -17,11 +17,10 @@ import yaml
 from cluster.config import build_recipe, load_recipe
 from cluster.errors import ConfigError
 from cluster.runner import run_stage
-from tests.conftest import LENIENT_QUALITY, REPO
+from tests.conftest import DOCS_CORPUS, REPO, copy_corpus
 
 BASE = {
-    "data": {"sources": ["stdlib:docs"], "val_fraction": 0.2, **yaml.safe_load("data:\n" + LENIENT_QUALITY)["data"]},
-    "tokenizer": {"vocab_size": 512, "seq_len": 64},
+    **DOCS_CORPUS,
     "pretrain": {"global_batch": 4, "micro_batch": 4, "warmup_steps": 1, "lr": 3e-3, "zero_stage": 0,
                  "scaling": {"num_workers": 1}},
 }
@@ -30,20 +29,14 @@ TUNE = {"stage": "pretrain", "space": {"lr": {"loguniform": [1e-4, 3e-2]}, "warm
 
 
 @pytest.fixture(scope="module")
-def tune_runs(ray_cluster, tmp_path_factory):
+def tune_runs(docs_corpus, tmp_path_factory):
     runs = tmp_path_factory.mktemp("tune_runs")
-    recipe = build_recipe({"run": "base", "runs_dir": str(runs), "stages": ["data", "tokenizer"], **BASE})
-    for stage in recipe.stages:
-        run_stage(recipe, stage)
+    copy_corpus(docs_corpus, runs)
     return runs
 
 
 def _recipe_file(runs: Path, run: str, **tune) -> Path:
-    import shutil
-
-    for stage in ("data", "tokenizer"):
-        if not (runs / run / stage).exists():
-            shutil.copytree(runs / "base" / stage, runs / run / stage)
+    copy_corpus(runs / "base", runs, run)
     path = runs / f"{run}.yaml"
     path.write_text(yaml.safe_dump({"run": run, "runs_dir": str(runs), "stages": ["tune"], **BASE,
                                     "tune": {**TUNE, **tune}}))

@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from cluster.errors import ConfigError
-from tests.conftest import KEY, recipe
+from tests.conftest import recipe
+from tests.serving.conftest import KEY
 
 
 def _client(gateway, key: str = KEY):
@@ -368,3 +369,17 @@ def test_engine_batches_staggered_requests_exactly_like_generate(tmp_path):
     manual.step()
     assert [s.id for s in manual.running] == [other.id] and manual.cancelled == 1
     assert len(got) == 4 and all(e["type"] == "delta" for e in got)
+
+    # min_tokens masks the end tokens, in the prefill and in batched decode steps: with the first
+    # three greedy tokens of a free run made stop tokens, one sequence ends at once and one with
+    # min_tokens runs its 12 tokens without any of them.
+    free = model.generate(torch.tensor([[4, 5]]), max_new_tokens=3, do_sample=False, eos_token_id=96, pad_token_id=0)
+    stops = set(free[0, 2:].tolist())
+    masked = Engine(model, Tok(), max_batch=4, stop_token_ids=stops)
+    short = masked.submit(Sequence(prompt_ids=[4, 5], params=SamplingParams(max_tokens=12, temperature=0), emit=lambda e: None))
+    full = masked.submit(Sequence(prompt_ids=[4, 5], params=SamplingParams(max_tokens=12, min_tokens=12, temperature=0),
+                                  emit=lambda e: None))
+    while masked.running or masked.waiting:
+        masked.step()
+    assert short.finish == "stop" and short.generated == []
+    assert full.finish == "length" and len(full.generated) == 12 and not stops & set(full.generated)

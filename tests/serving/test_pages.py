@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from tests.conftest import KEY, REPO
+from tests.conftest import REPO
+from tests.serving.conftest import KEY
 
 HARMFUL = "I'm going to hunt you down and beat you until you can't walk, you worthless idiot."
 
@@ -70,13 +71,16 @@ def test_chat_page_streams_a_reply_and_a_thumbs_up_lands_in_the_database(gateway
     _open(d, gateway, "chat")
     system = _wait(d, lambda d: d.find_element(By.ID, "system").get_attribute("value"))  # from /ui/config
     assert system.startswith("You are a helpful assistant")
+    # Every text the reply shows as it grows, recorded in the page (polling from here can miss
+    # a 50 ms stream interval): streamed, not delivered at once.
+    d.execute_script("""window.seen = [];
+        new MutationObserver(() => { const n = document.querySelector('#log .msg.assistant .text');
+                                     if (n && n.textContent) window.seen.push(n.textContent); })
+          .observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});""")
     _send(d, "Explain the list type.")
-    seen = []  # the reply's text as it grows: streamed, not delivered at once
-    _wait(d, lambda d: seen.append(d.execute_script(
-        "const n = document.querySelectorAll('#log .msg.assistant .text'); return n.length ? n[0].textContent : ''"))
-        or d.find_elements(By.CSS_SELECTOR, ".thumb-up"))
-    texts = [t for t in seen if t]
-    assert texts and len(set(texts)) >= 2, seen[-5:]
+    _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, ".thumb-up"))
+    texts = d.execute_script("return window.seen")
+    assert texts and len(set(texts)) >= 2, texts[-5:]
     d.find_element(By.CSS_SELECTOR, ".feedback .comment").send_keys("clear enough")
     d.find_element(By.CSS_SELECTOR, ".thumb-up").click()
     _wait(d, lambda d: "rated good" in d.find_element(By.CSS_SELECTOR, ".fb-status").text)
