@@ -36,10 +36,21 @@ def job_client(address: str | None, auth: str = "token"):
 
     set_auth_mode(auth)
     target = dashboard_address(address)
+    # Ray's client lets RAY_ADDRESS override the address it is given (as ray.init does), so an
+    # explicit --address would silently go to RAY_ADDRESS's cluster; RAY_API_SERVER_ADDRESS
+    # ranks above RAY_ADDRESS, so it carries the explicit address while the client resolves it.
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if address:
+        os.environ["RAY_API_SERVER_ADDRESS"] = target
     try:
         return JobSubmissionClient(target)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"cannot reach the Ray Jobs API at {target}: {' '.join(str(exc).split())[:300]}") from None
+    finally:
+        if address and saved is None:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
+        elif address:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 def runtime_env(install: bool) -> dict[str, Any]:

@@ -52,8 +52,10 @@ def test_submit_outside_project_is_refused_before_contacting_ray(tmp_path):
     assert "inside the project folder" in result.stderr
 
 
-def test_submit_warns_when_the_run_folder_would_stay_in_the_jobs_temporary_folder():
+def test_submit_warns_when_the_run_folder_would_stay_in_the_jobs_temporary_folder(ray_cluster):
     recipe = REPO / "tests" / "data" / "submit-recipe.yaml"  # runs_dir: the default, relative
-    result = aero("submit", "data", str(recipe), "--address=http://127.0.0.1:9")
+    # An explicit --address wins over RAY_ADDRESS (here a live cluster that Ray's own client
+    # would pick instead): the job is not sent anywhere else.
+    result = aero("submit", "data", str(recipe), "--address=http://127.0.0.1:9", env={"RAY_ADDRESS": ray_cluster["address"]})
     assert result.returncode == 2 and "cannot reach the Ray Jobs API" in result.stderr
     assert "warning: runs_dir 'runs' is relative" in result.stderr and "storage: s3://" in result.stderr

@@ -97,8 +97,8 @@ def test_default_recipe_runs_and_runs_show_prints_its_lineage(ray_cluster, tmp_p
 
     runner = CliRunner()
     result = runner.invoke(app, ["pipeline", str(REPO / "configs/tiny-cpu.yaml"), f"runs_dir={tmp_path}",
-                                 "stages=[data, tokenizer, pretrain]", "pretrain.steps=6",
-                                 "pretrain.checkpoint_every=6", "pretrain.eval_every=6"])
+                                 "stages=[data, tokenizer, pretrain]", "pretrain.steps=8",
+                                 "pretrain.checkpoint_every=8", "pretrain.eval_every=8"])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "tiny-cpu/data")
     assert manifest.status == "finished"
