@@ -91,21 +91,20 @@ def test_failed_stage_is_recorded_and_resumes_on_rerun(ray_cluster, tmp_path, sm
 
 @pytest.mark.slow
 def test_default_recipe_runs_and_runs_show_prints_its_lineage(ray_cluster, tmp_path):
-    """The README's demo recipe through pretraining (shortened: post-training has its own
-    tests), then `aero runs list/show` read its manifests."""
+    """The README's demo recipe's corpus stages (pretraining through `aero pipeline` is
+    tests/test_pipeline.py's), then `aero runs list/show` read its manifests."""
     from tests.conftest import REPO
 
     runner = CliRunner()
     result = runner.invoke(app, ["pipeline", str(REPO / "configs/tiny-cpu.yaml"), f"runs_dir={tmp_path}",
-                                 "stages=[data, tokenizer, pretrain]", "pretrain.steps=8",
-                                 "pretrain.checkpoint_every=8", "pretrain.eval_every=8"])
+                                 "stages=[data, tokenizer]"])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "tiny-cpu/data")
     assert manifest.status == "finished"
     assert manifest.metrics["documents_by_kind"]["code"] >= 1
     assert manifest.metrics["documents_out"] > 80  # pydoc topics + json sources + samples
     assert manifest.versions["ray"].startswith("2.60")
-    assert "report: " in result.output and "loss.png" in (tmp_path / "tiny-cpu" / "report.html").read_text()
+    assert "report: " in result.output and "funnel.png" in (tmp_path / "tiny-cpu" / "report.html").read_text()
 
     listed = runner.invoke(app, ["runs", "list", f"--runs-dir={tmp_path}"])
     assert "tiny-cpu\tdata=finished" in listed.output

@@ -107,7 +107,7 @@ def test_pipeline_killed_during_pretraining_resumes_from_its_checkpoint_on_rerun
     resumed = _logged_steps(stage_dir / "metrics.jsonl")[len(done_before):]
     # The rerun starts after the last checkpoint the first attempt committed, not at step 1.
     assert resumed == list(range(committed + 1, STEPS + 1)), (committed, resumed)
-    assert "report: " in rerun.stdout and (tmp_path / "e2e" / "report.html").stat().st_size > 1000
+    assert "report: " in rerun.stdout and "loss.png" in (tmp_path / "e2e" / "report.html").read_text()
 
     # Every finished stage is in the store; the checkpoints never were in the local folder.
     for stage in ("data", "tokenizer", "pretrain"):
