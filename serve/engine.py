@@ -114,11 +114,14 @@ class BatchKV:
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, stop_token_ids: set[int] | None = None):
+        import torch
+
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {i for i in [*eos, tokenizer.eos_token_id, *(stop_token_ids or ())] if i is not None}
+        self._stop_columns = torch.tensor(sorted(self.stop_ids))[None, :]  # masked under min_tokens
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._wake = threading.Condition()
         self.running: list[Sequence] = []
@@ -233,7 +236,7 @@ class Engine:
 
         rows = [i for i, s in enumerate(seqs) if len(s.generated) < s.params.min_tokens]
         if rows and self.stop_ids:
-            logits[torch.tensor(rows)[:, None], torch.tensor(sorted(self.stop_ids))[None, :]] = float("-inf")
+            logits[torch.tensor(rows)[:, None], self._stop_columns] = float("-inf")
         return logits
 
     def _next(self, seq: Sequence, logits, greedy: int) -> int:
