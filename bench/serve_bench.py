@@ -3,7 +3,9 @@ at a time with plain transformers `generate`, and (b) `transformers serve`, in t
 
 One async client streams `/v1/completions` (same prompts, max_tokens, greedy) at concurrency
 1, 4, 8, 16 and measures time to first token (p50/p99), inter-token latency and output
-tokens/s. Tokens are counted from each stream's usage chunk (`stream_options.include_usage`;
+tokens/s. All servers run at once and each level is measured on each in turn (the top level
+`--rounds` times): this VM's speed drifts within minutes, so only measurements taken together
+are compared. Tokens are counted from each stream's usage chunk (`stream_options.include_usage`;
 peer (a) sends one too), not from the number of text chunks: a chunk may carry several tokens
 (peer (a)'s streamer sends whole words; ours merges what piled up under load). A server that
 sends no usage is counted by chunks, and the row says `tokens_from_usage: false`. Then 2x
@@ -12,7 +14,8 @@ overload for `--overload-s` seconds against our gateway: every answer must be 20
 
     .venv/bin/python bench/serve_bench.py --model runs/tiny-cpu/sft/model
 
-The last line is JSON: `ratio` = our output tokens/s at concurrency 16 / peer (a)'s.
+The last line is JSON: `ratio` = the median over rounds of our output tokens/s at concurrency 16
+/ peer (a)'s in the same round.
 """
 
 import argparse
@@ -155,10 +158,10 @@ async def overload(url: str, concurrency: int, seconds: float, headers: dict, mo
     return statuses
 
 
-def replica_rss_mb() -> float:
+def replica_info() -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle("llm-m", app_name="bench").info.remote().result()["rss_mb"]
+    return serve.get_deployment_handle("llm-m", app_name="bench").info.remote().result()
 
 
 def engine_alone(model_dir: str, concurrency: int, tokens: int) -> dict:
@@ -217,6 +220,10 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=8,
                     help="requests each concurrent client sends per level: enough that the ramp-up and the "
                          "last stragglers are a small part of the measured time (2 per client measured <1 s)")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="CPU threads of our LLM replica's forward passes (default: Ray's, 1 for this num_cpus=0 "
+                         "replica; the peers use 2, but here the gateway and proxy need the second core)")
+    ap.add_argument("--rounds", type=int, default=3, help="measurements of every server at the top concurrency")
     ap.add_argument("--peer-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     model_dir = str(args.model.resolve())
@@ -239,54 +246,72 @@ def main() -> None:
                                       "moderation": {"enabled": False},
                                       "ingress": {**limits, "max_ongoing_requests": 256, "max_queued_requests": 64},
                                       "models": [{"name": "m", "source": "x", "max_batch": 16, "max_concurrent": 32,
-                                                  "deployment": limits}]})
+                                                  "torch_threads": args.torch_threads, "deployment": limits}]})
     base = deploy(cfg, {"m": model_dir})
     wait_http(f"{base}/health")
     asyncio.run(load(f"{base}/v1/completions", 2, 4, 8, {}, "m"))  # warm-up
-    rows = {"ours": {}, "peer_generate": {}, "transformers_serve": {}}
+    print("our LLM replica computes with", replica_info()["torch_threads"], "torch threads", flush=True)
+    servers = {"ours": (f"{base}/v1/completions", "m")}
+    procs = []
+    peers = {
+        "peer_generate": [sys.executable, __file__, "--model", model_dir, "--peer-server", "{port}"],
+        "transformers_serve": [str(Path(sys.executable).parent / "transformers"), "serve", model_dir,
+                               "--port", "{port}", "--host", "127.0.0.1"],
+    }
+    for name, cmd in peers.items():  # all servers up at once; an idle one costs next to no CPU
+        port = free_port()
+        proc = subprocess.Popen([a.replace("{port}", str(port)) for a in cmd], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/v1/models" if name != "peer_generate" else f"http://127.0.0.1:{port}/docs")
+            servers[name] = (f"http://127.0.0.1:{port}/v1/completions", "peer" if name == "peer_generate" else model_dir)
+            asyncio.run(load(servers[name][0], 1, 2, 8, {}, servers[name][1]))  # warm-up
+        except Exception as exc:  # a peer that does not run here is reported, not fatal
+            print(f"{name}: did not run ({exc}); stderr: {proc.stderr.read()[-500:] if proc.poll() is not None else ''}")
+    # Each level is measured on every server back to back, `--rounds` times at the top level:
+    # this VM's speed drifts by tens of percent within minutes, so a ratio is only fair between
+    # measurements taken together. The ratio reported is the median of the per-round ratios.
+    rows: dict[str, dict] = {name: {} for name in servers}
+    top = max(args.levels)
+    rounds: dict[str, list[float]] = {name: [] for name in servers if name != "ours"}
     for c in args.levels:
-        rows["ours"][c] = asyncio.run(load(f"{base}/v1/completions", c, args.requests_per_client * c, args.max_tokens, {}, "m"))
-        print("ours", rows["ours"][c], flush=True)
-    rss0 = replica_rss_mb()
+        for r in range(args.rounds if c == top else 1):
+            measured = {}
+            for name, (url, model) in servers.items():
+                measured[name] = asyncio.run(load(url, c, args.requests_per_client * c, args.max_tokens, {}, model))
+                print(name, measured[name], flush=True)
+            for name in rounds:
+                if c == top:
+                    rounds[name].append(measured["ours"]["tokens_per_s"] / measured[name]["tokens_per_s"])
+            if c == top:
+                print(f"round {r + 1} at concurrency {c}: ours / peer =",
+                      {name: round(v[-1], 3) for name, v in rounds.items()}, flush=True)
+            if r == 0:
+                for name in servers:
+                    rows[name][c] = measured[name]
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=30)
+    rss0 = replica_info()["rss_mb"]
     statuses = asyncio.run(overload(f"{base}/v1/completions", 64, args.overload_s, {}, "m"))
-    rss1 = replica_rss_mb()
+    rss1 = replica_info()["rss_mb"]
     print(f"overload 64 concurrent x {args.overload_s:.0f}s: {statuses}; LLM replica RSS {rss0:.0f} -> {rss1:.0f} MB")
     figures["overload"] = {"statuses": statuses, "rss_before_mb": rss0, "rss_after_mb": rss1}
     from ray import serve
 
     serve.shutdown()
     ray.shutdown()
-
-    peers = {
-        "peer_generate": [sys.executable, __file__, "--model", model_dir, "--peer-server", "{port}"],
-        "transformers_serve": [str(Path(sys.executable).parent / "transformers"), "serve", model_dir,
-                               "--port", "{port}", "--host", "127.0.0.1"],
-    }
-    for name, cmd in peers.items():
-        port = free_port()
-        proc = subprocess.Popen([a.replace("{port}", str(port)) for a in cmd], env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            wait_http(f"http://127.0.0.1:{port}/v1/models" if name != "peer_generate" else f"http://127.0.0.1:{port}/docs")
-            url = f"http://127.0.0.1:{port}/v1/completions"
-            name_sent = "peer" if name == "peer_generate" else model_dir
-            asyncio.run(load(url, 1, 2, 8, {}, name_sent))
-            for c in args.levels:
-                rows[name][c] = asyncio.run(load(url, c, args.requests_per_client * c, args.max_tokens, {}, name_sent))
-                print(name, rows[name][c], flush=True)
-        except Exception as exc:  # a peer that does not run here is reported, not fatal
-            print(f"{name}: did not run ({exc}); stderr: {proc.stderr.read()[-500:] if proc.poll() is not None else ''}")
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    top = max(args.levels)
-    ours = rows["ours"][top]["tokens_per_s"]
-    peer_a = rows["peer_generate"].get(top, {}).get("tokens_per_s")
-    peer_b = rows["transformers_serve"].get(top, {}).get("tokens_per_s")
     mid = 8 if 8 in rows["ours"] else top
-    print(json.dumps({"bench": "serve", "ours_tok_s": round(ours, 1), "peer_generate_tok_s": peer_a and round(peer_a, 1),
-                      "transformers_serve_tok_s": peer_b and round(peer_b, 1),
-                      "ratio": peer_a and round(ours / peer_a, 3), "ratio_transformers_serve": peer_b and round(ours / peer_b, 3),
+
+    def median(name: str) -> float | None:
+        return round(statistics.median(rounds[name]), 3) if rounds.get(name) else None
+
+    print(json.dumps({"bench": "serve", "rounds": args.rounds,
+                      "ours_tok_s": round(rows["ours"][top]["tokens_per_s"], 1),
+                      **{f"{name}_tok_s": round(rows[name][top]["tokens_per_s"], 1) for name in rounds},
+                      "ratio": median("peer_generate"), "ratio_transformers_serve": median("transformers_serve"),
+                      "ratios_per_round": {name: [round(v, 3) for v in vals] for name, vals in rounds.items()},
                       "ttft_p99_c8_s": round(rows["ours"][mid]["ttft_p99"], 3),
                       "engine_alone_ratio": round(figures["engine_alone"]["ratio"], 3), "overload": figures["overload"]}))
 

@@ -26,6 +26,7 @@ from pydantic import Field
 from cluster.config import StrictModel
 from cluster.manifest import atomic_write_text
 from cluster.stage import Stage, StageContext, StageResult
+from jobs.policy_sampling import answer_logprob, reward_score, sample_answers
 
 
 class EvalConfig(StrictModel):
@@ -66,54 +67,6 @@ def _perplexity(model, index: dict, n: int) -> float:
     return perplexity(model, ids)
 
 
-def _answer_logprob(model, tokenizer, prompt: list[dict], answer: str) -> tuple[float, int]:
-    """Sum of log-probabilities of the answer (+ end of turn) after the templated prompt."""
-    import torch
-
-    prefix = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-    a_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([p_ids + a_ids])[:, : model.config.max_position_embeddings]
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, :-1].float()
-    logp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
-    answer_part = logp[len(p_ids) - 1:]
-    return float(answer_part.sum()), len(answer_part)
-
-
-def _reward(rm, tokenizer, prompt: list[dict], answer: str) -> float:
-    import torch
-
-    text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", truncation=True,
-                    max_length=rm.config.max_position_embeddings)["input_ids"]
-    with torch.no_grad():
-        return float(rm(input_ids=ids).logits[0, 0])
-
-
-def _generate(model, tokenizer, prompts: list[list[dict]], cfg: EvalConfig) -> list[str]:
-    """`samples_per_prompt` answers per prompt (prompt-major), sampled with the same seed for
-    every policy so that their answers differ only by their weights."""
-    import torch
-
-    torch.manual_seed(cfg.seed)
-    prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": 1.0} if cfg.temperature > 0 else {"do_sample": False}
-    max_new_tokens = cfg.max_new_tokens
-    tokenizer.padding_side = "left"
-    out = []
-    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
-    for i in range(0, len(prompts), 8):
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i:i + 8]]
-        batch = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
-        room = model.config.max_position_embeddings - batch["input_ids"].shape[1]
-        with torch.no_grad():
-            ids = model.generate(**batch, max_new_tokens=max(1, min(max_new_tokens, room)), **sampling,
-                                 eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-        out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out
-
-
 def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: dict, data: dict[str, str]) -> dict[str, Any]:
     """Every figure of eval.json; runs inside one Ray task."""
     import statistics
@@ -132,7 +85,7 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
 
     correct = {}
     for r in prefs_val:
-        ok = _reward(rm, rm_tok, r["prompt"], r["chosen"][0]["content"]) > _reward(rm, rm_tok, r["prompt"], r["rejected"][0]["content"])
+        ok = reward_score(rm, rm_tok, r["prompt"], r["chosen"][0]["content"]) > reward_score(rm, rm_tok, r["prompt"], r["rejected"][0]["content"])
         correct.setdefault(r.get("rejected_kind", "user"), []).append(ok)
     every = [x for v in correct.values() for x in v]
     result["reward_accuracy"] = sum(every) / len(every)
@@ -146,16 +99,17 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
         result["ppl"][name] = _perplexity(model, index, cfg.ppl_sequences)
         total, count = 0.0, 0
         for r in sft_val:
-            lp, n = _answer_logprob(model, tok, r["prompt"], r["completion"][0]["content"])
+            lp, n = answer_logprob(model, tok, r["prompt"], r["completion"][0]["content"])
             total, count = total - lp, count + n
         result["instruction_loss"][name] = total / max(count, 1)
         if name in cfg.policies:
-            margins = [_answer_logprob(model, tok, r["prompt"], r["chosen"][0]["content"])[0]
-                       - _answer_logprob(model, tok, r["prompt"], r["rejected"][0]["content"])[0] for r in prefs_val]
+            margins = [answer_logprob(model, tok, r["prompt"], r["chosen"][0]["content"])[0]
+                       - answer_logprob(model, tok, r["prompt"], r["rejected"][0]["content"])[0] for r in prefs_val]
             result["logprob_margin"][name] = statistics.fmean(margins)
-            answers = _generate(model, tok, prompts, cfg)
+            answers = sample_answers(model, tok, prompts, samples=cfg.samples_per_prompt, temperature=cfg.temperature,
+                                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
             asked = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-            scores[name] = [_reward(rm, rm_tok, p, a) for p, a in zip(asked, answers)]
+            scores[name] = [reward_score(rm, rm_tok, p, a) for p, a in zip(asked, answers)]
             result["mean_reward"][name] = statistics.fmean(scores[name])
             result["samples"][name] = [{"prompt": p[-1]["content"][:200], "answer": a[:300]} for p, a in zip(asked[:3], answers[:3])]
     base = scores.get(cfg.baseline)

@@ -26,6 +26,8 @@ def _model_sources(cfg: PostTrainConfig) -> dict[str, str]:
     sources = {"base": cfg.base}
     if isinstance(cfg, GRPOConfig):
         sources["reward_model"] = cfg.reward_stage
+    if isinstance(cfg, DPOConfig) and cfg.sampled_pairs:
+        sources["reward_model"] = cfg.sampled_pairs.reward_stage
     return sources
 
 
@@ -51,14 +53,42 @@ def upstream_inputs(ctx: StageContext, cfg: PostTrainConfig) -> dict[str, str]:
     }
 
 
-def _grpo_prompts(records: list[dict], tokenizer, room: int) -> list[dict]:
-    """GRPO prompts whose templated length leaves room for the completion."""
+def _prompts_with_room(records: list[dict], tokenizer, room: int) -> list[dict]:
+    """Prompts (GRPO's, sampled DPO pairs') whose templated length leaves room for the answer."""
     keep = []
     for r in records:
         text = tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
         if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= room:
             keep.append({"prompt": r["prompt"]})
     return keep
+
+
+def _sample_pairs(ctx: StageContext, cfg: DPOConfig, base: Path, max_length: int) -> Path:
+    """`pairs_train.jsonl` (+ `pairs.json`, its counts): the base policy's answers to the training
+    prompts ranked by the reward model, made by one Ray task (a GPU one on GPU clusters)."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from jobs.policy_sampling import ranked_pairs
+
+    sp = cfg.sampled_pairs
+    assert sp is not None
+    reward_model = model_dir(ctx, sp.reward_stage)
+    source = ctx.upstream_output("chat_data", "sft_train")
+    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = _prompts_with_room(records, AutoTokenizer.from_pretrained(str(base)), max_length - sp.max_new_tokens)
+    prompts = [p["prompt"] for p in prompts][:sp.prompts]
+    if not prompts:
+        raise UserError(f"dpo.sampled_pairs: no training prompt in {source} leaves room for "
+                        f"max_new_tokens {sp.max_new_tokens} in {max_length} tokens")
+    task = ray.remote(ranked_pairs).options(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=int(cfg.scaling.use_gpu))
+    made = ray.get(task.remote(str(base), str(reward_model), prompts, samples=sp.samples, temperature=sp.temperature,
+                               max_new_tokens=sp.max_new_tokens, min_gap=sp.min_gap, seed=cfg.seed,
+                               threads=cfg.scaling.threads_per_worker))
+    target = ctx.stage_dir / "pairs_train.jsonl"
+    atomic_write_text(target, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in made["pairs"]))
+    atomic_write_text(ctx.stage_dir / "pairs.json", json.dumps(made["stats"], indent=2) + "\n")
+    return target
 
 
 def prepare_paths(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> dict[str, str]:
@@ -78,11 +108,13 @@ def prepare_paths(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> dict[st
         tokenizer = AutoTokenizer.from_pretrained(str(base))
         for split, source in (("train", train), ("eval", evaluation)):
             records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]
-            prompts = _grpo_prompts(records, tokenizer, max_length - cfg.max_completion_length)
+            prompts = _prompts_with_room(records, tokenizer, max_length - cfg.max_completion_length)
             target = ctx.stage_dir / f"prompts_{split}.jsonl"
             atomic_write_text(target, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts))
             paths[split] = str(target.resolve())
         paths["reward_model"] = str(model_dir(ctx, cfg.reward_stage).resolve())
+    if isinstance(cfg, DPOConfig) and cfg.sampled_pairs:
+        paths["train"] = str(_sample_pairs(ctx, cfg, base, max_length).resolve())
     rows = sum(1 for line in Path(paths["train"]).read_text(encoding="utf-8").splitlines() if line.strip())
     needed = cfg.per_device_batch * cfg.scaling.num_workers
     if rows < needed:
@@ -146,10 +178,11 @@ def run(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> StageResult:
     last = {k: v for h in history for k, v in h.items() if isinstance(v, (int, float))}
     summary = {"step": result.metrics.get("step"), **{k: last[k] for k in sorted(last) if k != "step"}}
     atomic_write_text(ctx.stage_dir / "train.json", json.dumps(summary, indent=2) + "\n")
-    return StageResult(
-        outputs={"model": model, "metrics": ctx.stage_dir / "metrics.jsonl", "curve": ctx.stage_dir / "curve.png"},
-        metrics=summary,
-    )
+    outputs = {"model": model, "metrics": ctx.stage_dir / "metrics.jsonl", "curve": ctx.stage_dir / "curve.png"}
+    if (ctx.stage_dir / "pairs.json").exists():  # sampled DPO pairs
+        outputs.update(pairs=ctx.stage_dir / "pairs_train.jsonl", pairs_stats=ctx.stage_dir / "pairs.json")
+        summary["sampled_pairs"] = json.loads((ctx.stage_dir / "pairs.json").read_text())
+    return StageResult(outputs=outputs, metrics=summary)
 
 
 def _stage(kind: str, config_model: type[PostTrainConfig], description: str) -> Stage:

@@ -81,11 +81,12 @@ def build_trainer(kind: str, cfg: PostTrainConfig, paths: dict[str, str], output
 
     tokenizer = AutoTokenizer.from_pretrained(paths["base"])
     max_length = int(paths["max_length"])
-    data = load_dataset("json", data_files={"train": paths["train"], "eval": paths["eval"]})
     keep = {"sft": ["prompt", "completion"], "reward": ["prompt", "chosen", "rejected"],
             "dpo": ["prompt", "chosen", "rejected"], "grpo": ["prompt"]}[kind]
-    train = data["train"].select_columns(keep)
-    evaluation = data["eval"].select_columns(keep).select(range(min(cfg.eval_records, len(data["eval"]))))
+    # Loaded one by one: the two files may carry different extra columns (sampled DPO pairs).
+    train, evaluation = (load_dataset("json", data_files=paths[split], split="train").select_columns(keep)
+                         for split in ("train", "eval"))
+    evaluation = evaluation.select(range(min(cfg.eval_records, len(evaluation))))
     dtype = torch.bfloat16 if cfg.scaling.use_gpu else torch.float32
     args = common_args(cfg, output_dir, max_length)
     common = dict(train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer, callbacks=callbacks)

@@ -63,7 +63,7 @@ def build_app(cfg: ServeConfig, paths: dict[str, str], digests: list[str]):
     for m in cfg.models:
         if m.source:
             deployment = serve.deployment(LLMServer, name=f"llm-{m.name}", **options(m.deployment))
-            handles[m.name] = deployment.bind(m.name, paths[m.name], m.max_batch, m.stream_interval_ms)
+            handles[m.name] = deployment.bind(m.name, paths[m.name], m.max_batch, m.stream_interval_ms, m.torch_threads)
     ingress_options = options(cfg.ingress)
     envs = {m.api_key_env: os.environ[m.api_key_env] for m in cfg.models if m.api_key_env and m.api_key_env in os.environ}
     if envs:  # upstream keys reach the gateway replicas as environment variables

@@ -132,6 +132,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.cancelled = 0  # sequences dropped before their end (client gone)
+        self.threads = 0  # intra-op threads the engine thread computes with (known once it runs)
 
     # ---- public, thread-safe ----
     def submit(self, seq: Sequence) -> Sequence:
@@ -162,6 +163,9 @@ class Engine:
 
     # ---- the loop ----
     def _loop(self) -> None:
+        import torch
+
+        self.threads = torch.get_num_threads()
         while not self._stop.is_set():
             try:
                 with self._wake:

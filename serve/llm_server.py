@@ -30,13 +30,17 @@ def _rss_mb() -> float | None:
 
 
 class LLMServer:
-    def __init__(self, name: str, path: str, max_batch: int = 16, stream_interval_ms: float = 50):
+    def __init__(self, name: str, path: str, max_batch: int = 16, stream_interval_ms: float = 100,
+                 torch_threads: int | None = None):
+        import torch
         from transformers import AutoTokenizer
 
         from jobs.awq_loader import awq_settings, load_causal_lm
         from serve.engine import Engine
         from serve.metrics import ServeMetrics
 
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.name, self.path = name, path
         self.stream_interval_s = stream_interval_ms / 1000
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -54,7 +58,7 @@ class LLMServer:
         e = self.engine
         return {"name": self.name, "path": self.path, "context": e.context, "quantization": self.quantization,
                 "running": len(e.running), "waiting": e.queue_length(), "steps": e.steps, "cancelled": e.cancelled,
-                "requests": self.requests, "rss_mb": _rss_mb()}
+                "requests": self.requests, "rss_mb": _rss_mb(), "torch_threads": e.threads}
 
     def check_health(self) -> None:
         if not self.engine.alive():

@@ -221,6 +221,41 @@ def test_a_killed_trl_worker_is_restarted_from_the_last_checkpoint(post_run):
 
 
 @pytest.mark.slow
+def test_dpo_on_sampled_pairs_trains_on_the_policys_answers_ranked_by_the_reward_model(post_run):
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.policy_sampling import answer_logprob
+
+    runs = post_run.parent
+    for stage in ("data", "tokenizer", "pretrain", "chat_data", "sft", "reward"):
+        shutil.copytree(post_run / stage, runs / "dposampled" / stage)
+    sampled = {"reward_stage": "reward", "samples": 2, "max_new_tokens": 16, "prompts": 16}
+    dpo = {**BASE["dpo"], "steps": 8, "checkpoint_every": 8, "sampled_pairs": sampled}
+    with pytest.raises(UserError, match="needs stage 'nosuch'"):
+        run_stage(recipe(runs, "dposampled", dpo={**dpo, "sampled_pairs": {**sampled, "reward_stage": "nosuch"}}), "dpo")
+    manifest = run_stage(recipe(runs, "dposampled", dpo=dpo), "dpo")
+    stage = runs / "dposampled" / "dpo"
+    pairs, stats = _jsonl(stage / "pairs_train.jsonl"), manifest.metrics["sampled_pairs"]
+    prompts = {json.dumps(r["prompt"]) for r in _jsonl(post_run / "chat_data/sft_train.jsonl")}
+    assert stats["prompts"] == 16 and stats["pairs"] == len(pairs) >= 8 and stats["pairs"] + stats["too_close"] == 16
+    for p in pairs:  # the policy's own answers to training prompts, the reward model's pick first
+        assert json.dumps(p["prompt"]) in prompts and p["chosen"] != p["rejected"]
+        assert p["chosen_score"] > p["rejected_score"]
+    assert "model:" not in json.dumps(manifest.inputs) and "stage:reward" in manifest.inputs
+    # DPO widened the margin of the pairs it trained on.
+    tok = AutoTokenizer.from_pretrained(post_run / "sft/model")
+
+    def margin(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        return sum(answer_logprob(model, tok, p["prompt"], p["chosen"][0]["content"])[0]
+                   - answer_logprob(model, tok, p["prompt"], p["rejected"][0]["content"])[0] for p in pairs) / len(pairs)
+
+    assert margin(stage / "model") > margin(post_run / "sft/model")
+
+
+@pytest.mark.slow
 def test_tune_searches_a_trl_stage_field(post_run):
     """Ray Tune over DPO's beta and learning rate, each trial the stage's TRL trainer in one process."""
     import pandas as pd

@@ -48,7 +48,7 @@ def gateway(post_run, tmp_path_factory):
         "moderation": {"policy": {c: {"output": "log"} for c in OPENAI_CATEGORIES}, "deployment": LIGHT},
         "models": [
             {"name": "sft", "source": "sft", "deployment": LIGHT},
-            {"name": "awq", "source": "quantize", "deployment": LIGHT},
+            {"name": "awq", "source": "quantize", "torch_threads": 2, "deployment": LIGHT},
             {"name": "tight", "source": "sft", "max_batch": 1, "max_concurrent": 6,
              "deployment": {**LIGHT, "max_ongoing_requests": 1, "max_queued_requests": 1}},
             {"name": "remote", "upstream": f"{base}/upstream/v1", "upstream_model": "up-sft",

@@ -164,6 +164,14 @@ def test_a_client_that_disconnects_cancels_its_generation(gateway):
     assert info["cancelled"] == before + 1 and info["running"] == 0
 
 
+def test_a_model_replica_computes_with_its_configured_torch_threads(gateway):
+    from ray import serve
+
+    threads = {m: serve.get_deployment_handle(f"llm-{m}", app_name="aero").info.remote().result()["torch_threads"]
+               for m in ("sft", "awq")}
+    assert threads == {"sft": 1, "awq": 2}  # sft: Ray's OMP_NUM_THREADS for a num_cpus=0 replica
+
+
 HARMFUL = "I'm going to hunt you down and beat you until you can't walk, you worthless idiot."
 
 
