@@ -281,10 +281,9 @@ def main() -> None:
             for name, (url, model) in servers.items():
                 measured[name] = asyncio.run(load(url, c, args.requests_per_client * c, args.max_tokens, {}, model))
                 print(name, measured[name], flush=True)
-            for name in rounds:
-                if c == top:
-                    rounds[name].append(measured["ours"]["tokens_per_s"] / measured[name]["tokens_per_s"])
             if c == top:
+                for name in rounds:
+                    rounds[name].append(measured["ours"]["tokens_per_s"] / measured[name]["tokens_per_s"])
                 print(f"round {r + 1} at concurrency {c}: ours / peer =",
                       {name: round(v[-1], 3) for name, v in rounds.items()}, flush=True)
             if r == 0:

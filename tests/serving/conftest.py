@@ -26,8 +26,8 @@ QA_DOCS = {
 @pytest.fixture(scope="package")
 def gateway(post_run, tmp_path_factory):
     """The `serve` stage of the trained run (with Q&A over a tiny folder and the feedback
-    database), a second app that plays a remote upstream, and a third whose output policy
-    blocks everything."""
+    database, plus a model whose answer is known: "lister" says " list" until max_tokens),
+    a second app that plays a remote upstream, and a third whose output policy blocks everything."""
     from ray import serve
 
     from cluster.runner import run_stage
@@ -36,6 +36,7 @@ def gateway(post_run, tmp_path_factory):
     from serve.moderation.moderation_config import OPENAI_CATEGORIES
     from serve.serve_config import ServeConfig
 
+    said = _one_word_model(post_run / "sft" / "model", tmp_path_factory.mktemp("one-word"), " list")
     port = free_port()
     os.environ["AERO_API_KEYS"] = f"{KEY},other-key"
     os.environ["AERO_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
@@ -53,6 +54,7 @@ def gateway(post_run, tmp_path_factory):
              "deployment": {**LIGHT, "max_ongoing_requests": 1, "max_queued_requests": 1}},
             {"name": "remote", "upstream": f"{base}/upstream/v1", "upstream_model": "up-sft",
              "api_key_env": "AERO_TEST_UPSTREAM_KEY"},
+            {"name": "lister", "source": str(said), "deployment": LIGHT},
         ],
     }
     docs = tmp_path_factory.mktemp("qa-docs")
@@ -80,7 +82,6 @@ def gateway(post_run, tmp_path_factory):
         "app_name": "strict", "port": port, "route_prefix": "/strict", "ingress": LIGHT, "auth": {"enabled": False},
         "models": [{"name": "sft", "source": "x", "deployment": LIGHT}],
         "moderation": {"deployment": LIGHT, "policy": {"violence": {"input": "log", "output": "block", "threshold": 1e-9}}}})
-    said = _one_word_model(post_run / "sft" / "model", tmp_path_factory.mktemp("one-word"), " list")
     serve.run(build_app(strict, {"sft": str(said),
                                  "moderation:classifier": str(post_run / "moderation" / "classifier")}, []),
               name="strict", route_prefix="/strict", blocking=False)

@@ -54,11 +54,11 @@ def _store(gateway):
     return FeedbackStore(json.loads((gateway["stage"] / "endpoint.json").read_text())["feedback_db"])
 
 
-def _send(d, text: str):
+def _send(d, text: str, model: str = "sft"):
     from selenium.webdriver.common.by import By
 
-    _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#model option[value=sft]"))
-    d.find_element(By.ID, "model").send_keys("sft")
+    _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, f"#model option[value={model}]"))
+    d.find_element(By.ID, "model").send_keys(model)
     d.find_element(By.ID, "input").send_keys(text)
     d.find_element(By.ID, "send").click()
 
@@ -73,11 +73,12 @@ def test_chat_page_streams_a_reply_and_a_thumbs_up_lands_in_the_database(gateway
     assert system.startswith("You are a helpful assistant")
     # Every piece the page's stream reader hands to the reply, recorded in the page: a stream of
     # several pieces, assembled into what the page shows. (Watching the text grow is not reliable:
-    # pieces that arrive in one network read are rendered at once.)
+    # pieces that arrive in one network read are rendered at once.) The model is "lister", whose
+    # answer runs to max_tokens: a test model's answer can be short enough to come in one piece.
     d.execute_script("""window.pieces = []; const read = window.streamChat;
         window.streamChat = (body, onDelta, signal) =>
             read(body, (i, piece) => { window.pieces.push(piece); onDelta(i, piece); }, signal);""")
-    _send(d, "Explain the list type.")
+    _send(d, "Explain the list type.", "lister")
     _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, ".thumb-up"))
     pieces = d.execute_script("return window.pieces")
     shown = d.execute_script("return document.querySelector('#log .msg.assistant .text').textContent")

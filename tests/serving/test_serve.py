@@ -31,7 +31,7 @@ MESSAGES = [{"role": "system", "content": "You answer questions about Python."},
 @pytest.mark.slow
 def test_models_chat_and_streaming_equal_at_temperature_zero(gateway):
     client = _client(gateway)
-    assert [m.id for m in client.models.list()] == ["sft", "awq", "tight", "remote"]
+    assert [m.id for m in client.models.list()] == ["sft", "awq", "tight", "remote", "lister"]
     full = client.chat.completions.create(model="sft", messages=MESSAGES, max_tokens=24, temperature=0,
                                           logprobs=True, top_logprobs=2)
     choice = full.choices[0]
