@@ -41,7 +41,7 @@ def sample_answers(model, tokenizer, prompts: list[Messages], *, samples: int, t
     return out
 
 
-def answer_logprob(model, tokenizer, prompt: list[dict], answer: str) -> tuple[float, int]:
+def answer_logprob(model, tokenizer, prompt: Messages, answer: str) -> tuple[float, int]:
     """Sum of log-probabilities of the answer (+ end of turn) after the templated prompt."""
     import torch
 
@@ -70,8 +70,8 @@ def reward_score(rm, tokenizer, prompt: Messages, answer: str) -> float:
 def ranked_pairs(policy: str, reward_model: str, prompts: list[Messages], *, samples: int, temperature: float,
                  max_new_tokens: int, min_gap: float, seed: int, threads: int = 1) -> dict[str, Any]:
     """DPO pairs from the policy's own answers: per prompt, `samples` answers scored by the reward
-    model, chosen = the best, rejected = the worst; prompts whose two are closer than `min_gap`
-    (ties, identical answers) give no pair: a score gap above `min_gap` makes a pair. Runs as a Ray task of the `dpo` stage."""
+    model, chosen = the best, rejected = the worst, kept when their score gap is above `min_gap`
+    (ties and identical answers teach nothing). Runs as a Ray task of the `dpo` stage."""
     import statistics
 
     import torch
