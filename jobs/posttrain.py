@@ -179,7 +179,7 @@ def run(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> StageResult:
     summary = {"step": result.metrics.get("step"), **{k: last[k] for k in sorted(last) if k != "step"}}
     atomic_write_text(ctx.stage_dir / "train.json", json.dumps(summary, indent=2) + "\n")
     outputs = {"model": model, "metrics": ctx.stage_dir / "metrics.jsonl", "curve": ctx.stage_dir / "curve.png"}
-    if (ctx.stage_dir / "pairs.json").exists():  # sampled DPO pairs
+    if isinstance(cfg, DPOConfig) and cfg.sampled_pairs:
         outputs.update(pairs=ctx.stage_dir / "pairs_train.jsonl", pairs_stats=ctx.stage_dir / "pairs.json")
         summary["sampled_pairs"] = json.loads((ctx.stage_dir / "pairs.json").read_text())
     return StageResult(outputs=outputs, metrics=summary)
