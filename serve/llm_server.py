@@ -150,15 +150,17 @@ class LLMServer:
         remaining, sent = len(seqs), None
         try:
             while remaining:
-                # The first token goes at once; after it, tokens are sent at most every
-                # stream_interval_s, whatever piled up as one message (as Ray Serve LLM's
-                # stream batching interval): every hop after the replica (handle stream,
-                # ingress, SSE, proxy, client) then costs per message, not per token.
+                # The first token goes at once and alone (even when this loop woke late and more
+                # are queued); after it, tokens are sent at most every stream_interval_s, whatever
+                # piled up as one message (as Ray Serve LLM's stream batching interval): every hop
+                # after the replica (handle stream, ingress, SSE, proxy, client) then costs per
+                # message, not per token.
                 batch = [await events.get()]
-                if sent is not None and (wait := sent + self.stream_interval_s - loop.time()) > 0:
-                    await asyncio.sleep(wait)
-                while not events.empty():
-                    batch.append(events.get_nowait())
+                if sent is not None:
+                    if (wait := sent + self.stream_interval_s - loop.time()) > 0:
+                        await asyncio.sleep(wait)
+                    while not events.empty():
+                        batch.append(events.get_nowait())
                 for event in batch:
                     if event["type"] != "delta":
                         remaining -= 1

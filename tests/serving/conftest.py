@@ -26,7 +26,7 @@ QA_DOCS = {
 @pytest.fixture(scope="package")
 def gateway(post_run, tmp_path_factory):
     """The `serve` stage of the trained run (with Q&A over a tiny folder and the feedback
-    database, plus a model whose answer is known: "lister" says " list" until max_tokens),
+    database, plus a model whose words are known: "lister" says " list" or " set", at random, until max_tokens),
     a second app that plays a remote upstream, and a third whose output policy blocks everything."""
     from ray import serve
 
@@ -36,7 +36,7 @@ def gateway(post_run, tmp_path_factory):
     from serve.moderation.moderation_config import OPENAI_CATEGORIES
     from serve.serve_config import ServeConfig
 
-    said = _one_word_model(post_run / "sft" / "model", tmp_path_factory.mktemp("one-word"), " list")
+    said = _words_model(post_run / "sft" / "model", tmp_path_factory.mktemp("words"), (" list", " set"))
     port = free_port()
     os.environ["AERO_API_KEYS"] = f"{KEY},other-key"
     os.environ["AERO_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY
@@ -54,7 +54,10 @@ def gateway(post_run, tmp_path_factory):
              "deployment": {**LIGHT, "max_ongoing_requests": 1, "max_queued_requests": 1}},
             {"name": "remote", "upstream": f"{base}/upstream/v1", "upstream_model": "up-sft",
              "api_key_env": "AERO_TEST_UPSTREAM_KEY"},
-            {"name": "lister", "source": str(said), "deployment": LIGHT},
+            # Long answers (1,024-token context) sent in many messages: a page test sees a stream
+            # of several pieces even after output moderation's windows.
+            {"name": "lister", "source": str(said), "default_max_tokens": 600, "stream_interval_ms": 20,
+             "deployment": LIGHT},
         ],
     }
     docs = tmp_path_factory.mktemp("qa-docs")
@@ -90,23 +93,25 @@ def gateway(post_run, tmp_path_factory):
     serve.shutdown()
 
 
-def _one_word_model(src, dst, word: str):
-    """A Llama model with `src`'s tokenizer that answers every prompt with `word` repeated: embeddings
-    of ones, attention and MLP outputs zeroed, and an output head that reads only `word`'s token."""
+def _words_model(src, dst, words: tuple[str, ...]):
+    """A Llama model with `src`'s tokenizer that answers every prompt with `words`, each token drawn
+    from them with equal odds: embeddings of ones, attention and MLP
+    outputs zeroed, and an output head that reads only the words' tokens."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(src)
-    (token,) = tok.encode(word, add_special_tokens=False)
+    tokens = [t for w in words for t in tok.encode(w, add_special_tokens=False)]
+    assert len(tokens) == len(words), f"each of {words} must be one token"
     cfg = AutoConfig.from_pretrained(src)
-    cfg.tie_word_embeddings = False
+    cfg.tie_word_embeddings, cfg.max_position_embeddings = False, 1024
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
         model.model.embed_tokens.weight.fill_(1.0)
         model.model.norm.weight.fill_(1.0)
-        model.lm_head.weight[token] = 1.0
+        model.lm_head.weight[tokens] = 1.0
     model.save_pretrained(dst)
     tok.save_pretrained(dst)
     return dst

@@ -36,9 +36,16 @@ def browser():
 
 
 def _wait(d, what, timeout: float = 120):
+    """Wait for `what`; on a timeout, say what the page shows instead (its log and status line)."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(d, timeout, poll_frequency=0.05).until(what)
+    try:
+        return WebDriverWait(d, timeout, poll_frequency=0.05).until(what)
+    except TimeoutException:
+        shown = d.execute_script("return [...document.querySelectorAll('#log .msg, #status, #answer, #sources')]"
+                                 ".map((e) => (e.className || e.id) + ': ' + e.textContent.slice(0, 300))")
+        raise AssertionError(f"the page did not get there in {timeout} s; it shows: {shown}") from None
 
 
 def _open(d, gateway, page: str, *, key: str | None = KEY):
@@ -74,7 +81,7 @@ def test_chat_page_streams_a_reply_and_a_thumbs_up_lands_in_the_database(gateway
     # Every piece the page's stream reader hands to the reply, recorded in the page: a stream of
     # several pieces, assembled into what the page shows. (Watching the text grow is not reliable:
     # pieces that arrive in one network read are rendered at once.) The model is "lister", whose
-    # answer runs to max_tokens: a test model's answer can be short enough to come in one piece.
+    # answer runs to max_tokens: a trained test model's answer can be one token long.
     d.execute_script("""window.pieces = []; const read = window.streamChat;
         window.streamChat = (body, onDelta, signal) =>
             read(body, (i, piece) => { window.pieces.push(piece); onDelta(i, piece); }, signal);""")
@@ -111,7 +118,9 @@ def test_compare_mode_stores_a_preference_that_export_turns_into_a_dpo_pair(gate
     d = browser
     _open(d, gateway, "chat")
     d.find_element(By.ID, "compare").click()
-    _send(d, "What is a tuple?")
+    # "lister" draws each word at random from two: two answers that differ, and that output
+    # moderation cannot flag (a trained model's answers at temperature 1.0 sometimes were).
+    _send(d, "What is a tuple?", "lister")
     buttons = _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, ".pair .prefer"))
     assert len(buttons) == 2
     buttons[1].click()
@@ -129,10 +138,11 @@ def test_compare_mode_stores_a_preference_that_export_turns_into_a_dpo_pair(gate
     mine = [p for p in pairs if p["origin"] == f"comparison:{reply['id']}"]
     assert len(mine) == 1 and mine[0]["chosen"][0]["content"] == reply["answers"][1]["text"]
     assert mine[0]["prompt"][-1] == {"role": "user", "content": "What is a tuple?"}
-    # The loader the chat_data stage uses for user preference files (feeding reward / DPO) takes them.
+    # The loader the chat_data stage uses for user preference files (feeding reward / DPO) takes them
+    # (at lister's context length: its answers are long).
     tokenizer = AutoTokenizer.from_pretrained(post_run / "sft" / "model")
     problems = []
-    good = load_records(tmp_path / "preferences.jsonl", preference_record, _length_check(tokenizer, 256), problems)
+    good = load_records(tmp_path / "preferences.jsonl", preference_record, _length_check(tokenizer, 1024), problems)
     assert len(good) == len(pairs) and not problems
 
 
