@@ -223,6 +223,8 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="CPU threads of our LLM replica's forward passes (default: Ray's, 1 for this num_cpus=0 "
                          "replica; the peers use 2, but here the gateway and proxy need the second core)")
+    ap.add_argument("--stream-interval-ms", type=float, default=None,
+                    help="our replica's stream interval with a full batch (default: the serve config's)")
     ap.add_argument("--rounds", type=int, default=3, help="measurements of every server at the top concurrency")
     ap.add_argument("--peer-server", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -246,7 +248,9 @@ def main() -> None:
                                       "moderation": {"enabled": False},
                                       "ingress": {**limits, "max_ongoing_requests": 256, "max_queued_requests": 64},
                                       "models": [{"name": "m", "source": "x", "max_batch": 16, "max_concurrent": 32,
-                                                  "torch_threads": args.torch_threads, "deployment": limits}]})
+                                                  "torch_threads": args.torch_threads, "deployment": limits,
+                                                  **({"stream_interval_ms": args.stream_interval_ms}
+                                                     if args.stream_interval_ms is not None else {})}]})
     base = deploy(cfg, {"m": model_dir})
     wait_http(f"{base}/health")
     asyncio.run(load(f"{base}/v1/completions", 2, 4, 8, {}, "m"))  # warm-up
@@ -306,7 +310,7 @@ def main() -> None:
     def median(name: str) -> float | None:
         return round(statistics.median(rounds[name]), 3) if rounds.get(name) else None
 
-    print(json.dumps({"bench": "serve", "rounds": args.rounds,
+    print(json.dumps({"bench": "serve", "rounds": args.rounds, "stream_interval_ms": cfg.models[0].stream_interval_ms,
                       "ours_tok_s": round(rows["ours"][top]["tokens_per_s"], 1),
                       **{f"{name}_tok_s": round(rows[name][top]["tokens_per_s"], 1) for name in rounds},
                       "ratio": median("peer_generate"), "ratio_transformers_serve": median("transformers_serve"),

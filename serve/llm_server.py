@@ -30,7 +30,7 @@ def _rss_mb() -> float | None:
 
 
 class LLMServer:
-    def __init__(self, name: str, path: str, max_batch: int = 16, stream_interval_ms: float = 100,
+    def __init__(self, name: str, path: str, max_batch: int = 16, stream_interval_ms: float = 200,
                  torch_threads: int | None = None):
         import torch
         from transformers import AutoTokenizer
@@ -104,6 +104,13 @@ class LLMServer:
             break
         return {"messages": render("\n\n".join(chosen)), "used": len(chosen)}
 
+    def _interval(self) -> float:
+        """The stream interval at the engine's present load: `stream_interval_ms` with a full
+        batch, proportionally shorter with fewer sequences running. Messages cost CPU at every hop;
+        with a full batch that CPU is what decoding lacks, with one stream it is idle anyway (and
+        the stream then comes about token by token)."""
+        return self.stream_interval_s * min(1.0, len(self.engine.running) / self.engine.max_batch)
+
     def _resolve(self, event: dict[str, Any]) -> dict[str, Any]:
         """Token ids -> token strings, so the ingress needs no tokenizer."""
         tok = self.tokenizer
@@ -151,13 +158,13 @@ class LLMServer:
         try:
             while remaining:
                 # The first token goes at once and alone (even when this loop woke late and more
-                # are queued); after it, tokens are sent at most every stream_interval_s, whatever
-                # piled up as one message (as Ray Serve LLM's stream batching interval): every hop
-                # after the replica (handle stream, ingress, SSE, proxy, client) then costs per
-                # message, not per token.
+                # are queued); after it, whatever piled up goes as one message at most every
+                # interval (as Ray Serve LLM's stream batching interval): every hop after the
+                # replica (handle stream, ingress, SSE, proxy, client) then costs per message, not
+                # per token.
                 batch = [await events.get()]
                 if sent is not None:
-                    if (wait := sent + self.stream_interval_s - loop.time()) > 0:
+                    if (wait := sent + self._interval() - loop.time()) > 0:
                         await asyncio.sleep(wait)
                     while not events.empty():
                         batch.append(events.get_nowait())

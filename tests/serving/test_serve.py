@@ -149,9 +149,11 @@ def test_a_client_that_disconnects_cancels_its_generation(gateway):
     import httpx
     from ray import serve
 
-    handle = serve.get_deployment_handle("llm-sft", app_name="aero")
+    # "lister" (1,024-token context): a generation long enough (~1,000 steps) to outlast the
+    # hang-up's way from the proxy to the replica; 100 tokens of "sft" sometimes finished first.
+    handle = serve.get_deployment_handle("llm-lister", app_name="aero")
     before = handle.info.remote().result()["cancelled"]
-    body = {"model": "sft", "prompt": "Lists", "max_tokens": 100, "min_tokens": 100, "temperature": 1.0,
+    body = {"model": "lister", "prompt": "Lists", "max_tokens": 1000, "min_tokens": 1000, "temperature": 1.0,
             "stream": True}
     with httpx.stream("POST", f"{gateway['base']}/v1/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
