@@ -30,7 +30,7 @@ def _rss_mb() -> float | None:
 
 
 class LLMServer:
-    def __init__(self, name: str, path: str, max_batch: int = 16, stream_interval_ms: float = 200,
+    def __init__(self, name: str, path: str, max_batch: int = 16, stream_interval_ms: float = 100,
                  torch_threads: int | None = None):
         import torch
         from transformers import AutoTokenizer

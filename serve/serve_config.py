@@ -22,12 +22,13 @@ class ModelSpec(StrictModel):
     upstream_model: str | None = Field(default=None, description="model name at the upstream (default: name)")
     api_key_env: str | None = Field(default=None, description="env var holding the upstream's API key")
     max_batch: int = Field(default=16, ge=1, description="sequences decoded together per step")
-    stream_interval_ms: float = Field(default=200, ge=0, le=1000,
+    stream_interval_ms: float = Field(default=100, ge=0, le=1000,
                                       description="after the first token, a stream's tokens are sent at most this "
                                                   "often when max_batch sequences run, several per message, and "
                                                   "proportionally more often with fewer (0: every step); each "
-                                                  "message costs CPU at every hop (measured: 100 ms served ~1.4x the "
-                                                  "tokens/s of 50 ms at 16 streams on 2 cores)")
+                                                  "message costs CPU at every hop (measured at 16 streams on 2 "
+                                                  "cores: 100 ms served ~1.4x the tokens/s of 50 ms; 200 ms no more "
+                                                  "than 100 ms)")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads of the replica's forward passes "
                                       "(none: what Ray gives the replica, OMP_NUM_THREADS = its num_cpus, at least 1)")
     max_concurrent: int = Field(default=64, ge=1, description="requests in flight per gateway replica; more get 429")

@@ -315,6 +315,34 @@ def test_without_keys_auth_refuses_to_start_unless_turned_off(monkeypatch):
     assert len(api_key_digests(AuthConfig())) == 2
 
 
+def test_a_lone_stream_is_sent_finely_though_the_full_batch_interval_is_long(post_run, tmp_path):
+    """The LLM replica (its class, without Serve) paces messages by load: with 1 of 64 sequences
+    running, a 1 s full-batch interval is ~16 ms, so 40 tokens come in several messages (with
+    the full interval they would come in two: the first token, then the rest a second later);
+    the first message holds the first token alone."""
+    import asyncio
+
+    from serve.llm_server import LLMServer
+    from tests.serving.conftest import _words_model
+
+    server = LLMServer("words", str(_words_model(post_run / "sft" / "model", tmp_path / "m", (" list",))),
+                       max_batch=64, stream_interval_ms=1000, torch_threads=1)
+    req = {"kind": "completion", "prompt": "Lists", "n": 1,
+           "params": {"max_tokens": 40, "min_tokens": 40, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}}
+
+    async def messages() -> list[list[dict]]:
+        return [m async for m in server.generate(req)]
+
+    try:
+        got = asyncio.run(messages())
+    finally:
+        server.engine.stop()
+    deltas = [[e for e in m if e["type"] == "delta"] for m in got]
+    assert len(deltas[0]) == 1 and deltas[0][0]["text"] == " list"
+    assert "".join(e["text"] for m in deltas for e in m) == " list" * 40
+    assert got[-1][-1]["type"] == "done" and len(got) > 2, [len(m) for m in got]
+
+
 def test_engine_batches_staggered_requests_exactly_like_generate(tmp_path):
     """Iteration-level batching must not change greedy outputs: compare with transformers' generate."""
     import torch
