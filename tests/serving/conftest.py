@@ -94,8 +94,8 @@ def gateway(post_run, tmp_path_factory):
 
 
 def _words_model(src, dst, words: tuple[str, ...]):
-    """A Llama model with `src`'s tokenizer that answers every prompt with `words`, each token drawn
-    from them with equal odds: embeddings of ones, attention and MLP
+    """A Llama model with `src`'s tokenizer and a 1,024-token context that answers every prompt with
+    `words`, each token drawn from them with equal odds: embeddings of ones, attention and MLP
     outputs zeroed, and an output head that reads only the words' tokens."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM

@@ -118,8 +118,9 @@ def test_compare_mode_stores_a_preference_that_export_turns_into_a_dpo_pair(gate
     d = browser
     _open(d, gateway, "chat")
     d.find_element(By.ID, "compare").click()
-    # "lister" draws each word at random from two: two answers that differ, and that output
-    # moderation cannot flag (a trained model's answers at temperature 1.0 sometimes were).
+    # "lister" draws each word at random from two: two answers that differ, whatever the trained
+    # test model became (with it, this test once timed out in CI for a reason nobody saw; a wait
+    # that times out now says what the page shows).
     _send(d, "What is a tuple?", "lister")
     buttons = _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, ".pair .prefer"))
     assert len(buttons) == 2

@@ -325,8 +325,9 @@ def test_a_lone_stream_is_sent_finely_though_the_full_batch_interval_is_long(pos
     from serve.llm_server import LLMServer
     from tests.serving.conftest import _words_model
 
+    # No torch_threads here: it would set them for this whole test process.
     server = LLMServer("words", str(_words_model(post_run / "sft" / "model", tmp_path / "m", (" list",))),
-                       max_batch=64, stream_interval_ms=1000, torch_threads=1)
+                       max_batch=64, stream_interval_ms=1000)
     req = {"kind": "completion", "prompt": "Lists", "n": 1,
            "params": {"max_tokens": 40, "min_tokens": 40, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}}
 
