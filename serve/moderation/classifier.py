@@ -15,7 +15,9 @@ n-gram scorer over the same classes (`ngrams.py`).
   normalized words instead; min(hits, 3) / 3 is the head's 385th input.
 - N-grams: class probabilities are the mean of the fine-tuned head's and a character n-gram
   TF-IDF logistic regression's (fit on the same part after fine-tuning; its C by CV on that
-  part). The weight is a fixed 1/2, not tuned on anything.
+  part). The weight is a fixed 1/2, not tuned on anything. Measured on 5-fold out-of-fold
+  scores of the training part (978 examples, 2026-12-01): recall at FPR <= 0.05 0.836 alone,
+  0.844-0.867 averaged (AUC 0.958 -> 0.964-0.970; Vietnamese recall 0.67 -> 0.70-0.75).
 - Long texts are scored in chunks cut at sentence ends; a text's score is its worst chunk's.
 - Operating point: a calibration part of the training data (never trained on, never the
   held-out split) picks the lowest P(not benign) threshold whose false-positive rate on its
