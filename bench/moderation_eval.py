@@ -4,9 +4,13 @@ Ours is the `moderation` stage's code path (rules + fine-tuned MiniLM + lexicon 
 head, trained on the split's train part); the peer is `better-profanity`'s own
 `contains_profanity`, the usual drop-in filter. Both see the same held-out examples, one
 request at a time. With --serve the per-request latency is also measured through the Ray Serve
-moderation deployment's handle (a local Ray is started).
+moderation deployment's handle (a local Ray is started). With --cv K the training part is also
+scored out of fold (K classifiers, each trained without one fold; ~K minutes more): how well the
+fine-tuned model alone and averaged with the n-gram scorer can separate harmful from benign
+anywhere, i.e. the recall at FPR <= 0.05 with the threshold picked on those very scores -- a
+ceiling for the operating point, on 3x the examples of the held-out split.
 
-    .venv/bin/python bench/moderation_eval.py [--serve]
+    .venv/bin/python bench/moderation_eval.py [--serve] [--cv 5]
 
 The last line is JSON with the figures: recall on harmful, false-positive rate on benign,
 p95 latency, and `ratio` = our recall / the peer's recall.
@@ -66,9 +70,55 @@ def through_serve(classifier_dir: Path, heldout) -> dict:
         ray.shutdown()
 
 
+def out_of_fold(train_part, k: int) -> dict:
+    """Out-of-fold P(not benign) on the training part for the fine-tuned model alone and with
+    n-grams: AUC and the recall (rules included) at FPR <= 0.05, overall and per language."""
+    import hashlib
+
+    from sklearn.metrics import roc_auc_score
+
+    from serve.moderation.classifier import primary, train
+    from serve.moderation.rules import screen_rules
+    from serve.moderation.stage import ModerationStageConfig
+
+    cfg = ModerationStageConfig()
+    fold, groups = {}, {}
+    for e in train_part:
+        groups.setdefault(primary(e), []).append(e)
+    for members in groups.values():  # stratified: every class spread over the folds by text hash
+        members.sort(key=lambda e: hashlib.sha1(("cv:" + e.text).encode()).hexdigest())
+        fold.update({e.text: i % k for i, e in enumerate(members)})
+    texts = [e.text for e in train_part]
+    scores = {"fine-tuned alone": np.zeros(len(texts)), "with n-grams": np.zeros(len(texts))}
+    for f in range(k):
+        model = train([e for e in train_part if fold[e.text] != f], epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr,
+                      batch_size=cfg.batch_size, calibration=cfg.calibration, seed=cfg.seed)
+        idx = [i for i, e in enumerate(train_part) if fold[e.text] == f]
+        for name, weight in (("fine-tuned alone", 0.0), ("with n-grams", None)):
+            kw = {} if weight is None else {"ngram_weight": weight}
+            scores[name][idx] = model.predict([texts[i] for i in idx], **kw)[1]
+    harmful = np.array([bool(e.labels) for e in train_part])
+    learned = np.array([primary(e) != "benign" for e in train_part])
+    lang = np.array([e.lang for e in train_part])
+    rule = np.array([bool(screen_rules(t).scores) for t in texts])
+    out = {"examples": len(texts), "folds": k}
+    for name, s in scores.items():
+        flag = rule
+        for t in np.unique(s):  # the lowest threshold with FPR <= 0.05
+            flag = (s >= t) | rule
+            if flag[~harmful].mean() <= 0.05:
+                break
+        mask = learned | ~harmful
+        out[name] = {"auc": round(float(roc_auc_score(learned[mask], s[mask])), 4),
+                     "recall_at_fpr_0.05": round(float(flag[harmful].mean()), 3), "fpr": round(float(flag[~harmful].mean()), 3),
+                     **{f"recall_{L}": round(float(flag[harmful & (lang == L)].mean()), 3) for L in sorted(set(lang))}}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--serve", action="store_true", help="also time requests through the Ray Serve deployment")
+    ap.add_argument("--cv", type=int, default=0, metavar="K", help="also score the training part out of fold (K >= 2)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moderation_eval.json")
     args = ap.parse_args()
 
@@ -79,20 +129,25 @@ def main() -> None:
         ours = train_and_evaluate(ModerationStageConfig(), Path(tmp))
         heldout = split(load_labeled())[1]
         served = through_serve(Path(tmp) / "classifier", heldout) if args.serve else None
+    cv = out_of_fold(split(load_labeled())[0], args.cv) if args.cv >= 2 else None
     theirs = peer(heldout)
     print(table(ours))
     print(f"peer (better-profanity contains_profanity): recall {theirs['recall_harmful']}, FPR {theirs['fpr_benign']}, "
           f"p95 {theirs['latency_ms']['p95']} ms")
     if served:
         print(f"through the Ray Serve deployment handle: p50 {served['p50']} ms, p95 {served['p95']} ms")
+    if cv:
+        print(f"out of fold ({cv['folds']} folds over the {cv['examples']} training examples):",
+              *(f"{name}: {m}" for name, m in cv.items() if isinstance(m, dict)), sep="\n  ")
     print("missed:", *ours["missed"], sep="\n  ")
     print("false positives:", *ours["false_positives"], sep="\n  ")
     line = {"heldout": ours["heldout"], "recall_harmful": ours["recall_harmful"], "fpr_benign": ours["fpr_benign"],
             "p95_ms": ours["latency_ms"]["p95"], "p95_ms_serve": served and served["p95"],
+            "cv_recall_at_fpr_0.05": cv and {n: m["recall_at_fpr_0.05"] for n, m in cv.items() if isinstance(m, dict)},
             "peer_recall": theirs["recall_harmful"], "peer_fpr": theirs["fpr_benign"],
             "ratio": round(ours["recall_harmful"] / max(theirs["recall_harmful"], 1e-9), 2)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"ours": ours, "peer": theirs, "serve": served, "summary": line}, indent=2,
+    args.out.write_text(json.dumps({"ours": ours, "peer": theirs, "serve": served, "cv": cv, "summary": line}, indent=2,
                                    ensure_ascii=False) + "\n")
     print(json.dumps(line))
 

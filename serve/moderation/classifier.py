@@ -15,9 +15,9 @@ n-gram scorer over the same classes (`ngrams.py`).
   normalized words instead; min(hits, 3) / 3 is the head's 385th input.
 - N-grams: class probabilities are the mean of the fine-tuned head's and a character n-gram
   TF-IDF logistic regression's (fit on the same part after fine-tuning; its C by CV on that
-  part). The weight is a fixed 1/2, not tuned on anything. Measured on 5-fold out-of-fold
-  scores of the training part (978 examples, 2026-12-01): recall at FPR <= 0.05 0.836 alone,
-  0.844-0.867 averaged (AUC 0.958 -> 0.964-0.970; Vietnamese recall 0.67 -> 0.70-0.75).
+  part). The weight is a fixed 1/2, not tuned on anything. Measured out of fold on the
+  training part (`bench/moderation_eval.py --cv 5`, 978 examples): recall at FPR <= 0.05
+  0.809 alone, 0.818 averaged (AUC 0.961 -> 0.962; Vietnamese recall 0.65 -> 0.72).
 - Long texts are scored in chunks cut at sentence ends; a text's score is its worst chunk's.
 - Operating point: a calibration part of the training data (never trained on, never the
   held-out split) picks the lowest P(not benign) threshold whose false-positive rate on its
@@ -163,9 +163,11 @@ class Classifier:
         lex = torch.tensor([[min(self.lexicon.hits(p), 3) / 3.0] for p in parts], dtype=pooled.dtype)
         return self.head(torch.cat([pooled * 10.0, lex], dim=-1))
 
-    def probs(self, texts: list[str], batch_size: int = 64) -> tuple[np.ndarray, list[int]]:
+    def probs(self, texts: list[str], batch_size: int = 64,
+              ngram_weight: float = NGRAM_WEIGHT) -> tuple[np.ndarray, list[int]]:
         """Class probabilities (both scorers' mean) of every chunk of every text, and each
-        chunk's text index."""
+        chunk's text index. `ngram_weight` other than the default is for analysis
+        (`bench/moderation_eval.py --cv`)."""
         import torch
 
         if self.ngrams is None:
@@ -183,11 +185,11 @@ class Classifier:
                 out.append(torch.softmax(self.logits(parts[start:start + batch_size]), dim=-1))
         if not out:
             return np.zeros((0, len(self.classes)), dtype=np.float32), owner
-        return (1 - NGRAM_WEIGHT) * torch.cat(out).numpy() + NGRAM_WEIGHT * self.ngrams.probs(parts), owner
+        return (1 - ngram_weight) * torch.cat(out).numpy() + ngram_weight * self.ngrams.probs(parts), owner
 
-    def predict(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, texts: list[str], ngram_weight: float = NGRAM_WEIGHT) -> tuple[np.ndarray, np.ndarray]:
         """([n, LEARNED] category scores, [n] P(not benign)), each the max over a text's chunks."""
-        probs, owner = self.probs(texts)
+        probs, owner = self.probs(texts, ngram_weight=ngram_weight)
         scores = np.zeros((len(texts), len(LEARNED)), dtype=np.float32)
         harmful = np.zeros(len(texts), dtype=np.float32)
         if owner:
