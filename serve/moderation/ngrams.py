@@ -2,8 +2,9 @@
 over the same classes as the fine-tuned MiniLM head (scikit-learn, fit in seconds).
 
 Why a second scorer: the MiniLM tokenizer lowercases and strips accents, so Vietnamese words
-that differ only in their diacritics ("giết" kill, "giệt") embed alike, and a fine-tuned encoder
-is confidently wrong on some benign look-alikes. Character n-grams see the diacritics and the
+that differ only in their diacritics embed alike ("tự tử", suicide, becomes "tu tu", as do
+"tủ", "từ", "tù": cabinet, word, prison), and a fine-tuned encoder is confidently wrong on
+some benign look-alikes. Character n-grams see the diacritics and the
 exact words; their mistakes are different ones, so the two are averaged.
 
 Regularization C is picked by stratified k-fold CV on the fitting part only, scored by how well
