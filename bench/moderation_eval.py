@@ -73,27 +73,19 @@ def through_serve(classifier_dir: Path, heldout) -> dict:
 def out_of_fold(train_part, k: int) -> dict:
     """Out-of-fold P(not benign) on the training part for the fine-tuned model alone and with
     n-grams: AUC and the recall (rules included) at FPR <= 0.05, overall and per language."""
-    import hashlib
-
     from sklearn.metrics import roc_auc_score
 
-    from serve.moderation.classifier import primary, train
+    from serve.moderation.classifier import primary, stratified_split
     from serve.moderation.rules import screen_rules
-    from serve.moderation.stage import ModerationStageConfig
+    from serve.moderation.stage import ModerationStageConfig, fit_classifier
 
-    cfg = ModerationStageConfig()
-    fold, groups = {}, {}
-    for e in train_part:
-        groups.setdefault(primary(e), []).append(e)
-    for members in groups.values():  # stratified: every class spread over the folds by text hash
-        members.sort(key=lambda e: hashlib.sha1(("cv:" + e.text).encode()).hexdigest())
-        fold.update({e.text: i % k for i, e in enumerate(members)})
     texts = [e.text for e in train_part]
     scores = {"fine-tuned alone": np.zeros(len(texts)), "with n-grams": np.zeros(len(texts))}
-    for f in range(k):
-        model = train([e for e in train_part if fold[e.text] != f], epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr,
-                      batch_size=cfg.batch_size, calibration=cfg.calibration, seed=cfg.seed)
-        idx = [i for i, e in enumerate(train_part) if fold[e.text] == f]
+    for f in range(k):  # stratified folds: every class spread over them by text hash
+        rest, held = stratified_split(train_part, k, primary, salt="cv:", part=f)
+        model = fit_classifier(ModerationStageConfig(), rest)
+        held = {e.text for e in held}
+        idx = [i for i, t in enumerate(texts) if t in held]
         for name, weight in (("fine-tuned alone", 0.0), ("with n-grams", None)):
             kw = {} if weight is None else {"ngram_weight": weight}
             scores[name][idx] = model.predict([texts[i] for i in idx], **kw)[1]

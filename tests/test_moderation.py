@@ -103,6 +103,8 @@ def test_the_fine_tuned_classifier_saves_as_safetensors_and_loads_the_same(tmp_p
     per_class: dict[str, list] = {}
     for e in split(load_labeled())[0]:
         per_class.setdefault(primary(e), []).append(e)
+    with pytest.raises(UserError, match="calibration part .* has no benign example"):
+        train([e for group in per_class.values() for e in group[:3]], epochs=1)  # too few to set any aside
     small = [e for group in per_class.values() for e in group[:6]]
     trained = train(small, epochs=1)
     assert trained.meta["calibration"]["examples"] >= len(per_class) and 0.3 <= trained.meta["threshold"] <= 0.95

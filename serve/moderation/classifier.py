@@ -14,10 +14,10 @@ n-gram scorer over the same classes (`ngrams.py`).
   against every leetspeak variant (0.8 s for 5 KB here), so the list is matched as a set of
   normalized words instead; min(hits, 3) / 3 is the head's 385th input.
 - N-grams: class probabilities are the mean of the fine-tuned head's and a character n-gram
-  TF-IDF logistic regression's (fit on the same part after fine-tuning; its C by CV on that
-  part). The weight is a fixed 1/2, not tuned on anything. Measured out of fold on the
-  training part (`bench/moderation_eval.py --cv 5`, 978 examples): recall at FPR <= 0.05
-  0.809 alone, 0.818 averaged (AUC 0.961 -> 0.962; Vietnamese recall 0.65 -> 0.72).
+  TF-IDF logistic regression's (fit on the same chunks; its C by CV on that part). The
+  weight is a fixed 1/2, not tuned on anything. Measured out of fold on the training part
+  (`bench/moderation_eval.py --cv 5`, 978 examples): recall at FPR <= 0.05 0.809 alone,
+  0.818 averaged (AUC 0.961 -> 0.962; Vietnamese recall 0.65 -> 0.72).
 - Long texts are scored in chunks cut at sentence ends; a text's score is its worst chunk's.
 - Operating point: a calibration part of the training data (never trained on, never the
   held-out split) picks the lowest P(not benign) threshold whose false-positive rate on its
@@ -79,9 +79,12 @@ def load_labeled(path: str | Path = LABELED) -> list[Example]:
     return out
 
 
-def stratified_split(examples: list[Example], every: int, group, salt: str = "") -> tuple[list[Example], list[Example]]:
+def stratified_split(examples: list[Example], every: int, group, salt: str = "",
+                     part: int | None = None) -> tuple[list[Example], list[Example]]:
     """Deterministic stratified split: within each group, ordered by the text's hash (with
-    `salt`), every `every`-th example goes to the second part."""
+    `salt`), every `every`-th example goes to the second part (the one at position `part` of
+    each `every`, by default the last: with parts 0..every-1 the second parts are k folds)."""
+    part = every - 1 if part is None else part
     groups: dict[str, list[Example]] = {}
     for e in examples:
         groups.setdefault(group(e), []).append(e)
@@ -89,7 +92,7 @@ def stratified_split(examples: list[Example], every: int, group, salt: str = "")
     for members in groups.values():
         members.sort(key=lambda e: hashlib.sha1((salt + e.text).encode()).hexdigest())
         for i, e in enumerate(members):
-            (second if i % every == every - 1 else first).append(e)
+            (second if i % every == part else first).append(e)
     return first, second
 
 
@@ -135,9 +138,8 @@ class Classifier:
     """(Fine-tuned MiniLM + lexicon -> linear softmax head) averaged with character n-grams;
     classes[0] is "benign"."""
 
-    def __init__(self, encoder, head, classes: tuple[str, ...], meta: dict, ngrams: NgramScorer | None = None):
-        """`encoder`: a SentenceTransformer (MiniLM -> mean pooling -> normalize); `ngrams` is
-        None only while `train` fine-tunes the encoder."""
+    def __init__(self, encoder, head, classes: tuple[str, ...], meta: dict, ngrams: NgramScorer):
+        """`encoder`: a SentenceTransformer (MiniLM -> mean pooling -> normalize)."""
         import torch
 
         self.encoder, self.head, self.classes, self.meta, self.ngrams = encoder, head, classes, meta, ngrams
@@ -146,14 +148,14 @@ class Classifier:
                                     dtype=torch.float32)
 
     @classmethod
-    def fresh(cls, classes: tuple[str, ...], meta: dict, seed: int = 0) -> "Classifier":
+    def fresh(cls, classes: tuple[str, ...], meta: dict, ngrams: NgramScorer, seed: int = 0) -> "Classifier":
         import torch
 
         from serve.embedder import Embedder
 
         torch.manual_seed(seed)
         head = torch.nn.Linear(385, len(classes))
-        return cls(Embedder().model, head, classes, meta)
+        return cls(Embedder().model, head, classes, meta, ngrams)
 
     def logits(self, parts: list[str]):
         """[chunks, classes]: the sentence embedding (scaled) + lexicon -> head."""
@@ -169,9 +171,6 @@ class Classifier:
         chunk's text index. `ngram_weight` other than the default is for analysis
         (`bench/moderation_eval.py --cv`)."""
         import torch
-
-        if self.ngrams is None:
-            raise RuntimeError("the classifier's n-gram scorer is not fit yet")
 
         parts, owner = [], []
         for i, t in enumerate(texts):
@@ -244,8 +243,8 @@ def operating_point(harmful: np.ndarray, benign: np.ndarray, target_fpr: float) 
 
 def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr: float = 1e-3,
           batch_size: int = 16, target_fpr: float = 0.05, calibration: float = 0.2, seed: int = 0) -> Classifier:
-    """Fine-tune encoder + head on every chunk of the fitting part, fit the n-gram scorer on
-    the same chunks, then pick the operating point on the calibration part."""
+    """Fit the n-gram scorer and fine-tune encoder + head on every chunk of the fitting part,
+    then pick the operating point on the calibration part."""
     import torch
 
     fit, calib = calibration_split(examples, calibration)
@@ -253,12 +252,15 @@ def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr
     missing = [c for c in LEARNED if c not in classes and not any(PARENT.get(k) == c for k in classes)]
     if missing or not any(primary(e) == "benign" for e in fit):
         raise UserError(f"moderation data: no training examples for {missing or ['benign']}")
+    if not any(primary(e) == "benign" for e in calib):
+        raise UserError(f"moderation data: the calibration part ({calibration:.0%} of each class) has no benign example "
+                        "to pick the operating point on; add benign examples")
     parts, labels = [], []
     for e in fit:
         for piece in chunks(e.text):  # a long text's chunks share its class
             parts.append(piece)
             labels.append(classes.index(primary(e)))
-    model = Classifier.fresh(classes, {}, seed)
+    model = Classifier.fresh(classes, {}, NgramScorer.fit(parts, labels, len(classes), seed), seed)
     optimizer = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": lr},
                                    {"params": model.head.parameters(), "lr": head_lr}])
     order = np.random.default_rng(seed)
@@ -271,7 +273,6 @@ def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr
             loss.backward()
             optimizer.step()
     model.encoder.eval()
-    model.ngrams = NgramScorer.fit(parts, labels, len(classes), seed)
     _, harmful = model.predict([e.text for e in calib])
     benign = np.array([primary(e) == "benign" for e in calib])
     threshold = operating_point(harmful, benign, target_fpr)

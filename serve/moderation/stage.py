@@ -95,15 +95,22 @@ def table(ev: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fit_classifier(cfg: ModerationStageConfig, examples):
+    """The classifier trained on `examples` with the stage's settings."""
+    from serve.moderation.classifier import train
+
+    return train(examples, epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr, batch_size=cfg.batch_size,
+                 target_fpr=cfg.target_fpr, calibration=cfg.calibration, seed=cfg.seed)
+
+
 def train_and_evaluate(cfg: ModerationStageConfig, out: Path) -> dict:
     """Train on the split's train part, save to `out/classifier`, evaluate on the rest."""
-    from serve.moderation.classifier import load_labeled, split, train
+    from serve.moderation.classifier import load_labeled, split
     from serve.moderation.moderator import Moderator
 
     examples = [e for path in labeled_files(cfg) for e in load_labeled(path)]
     train_set, heldout = split(examples, cfg.heldout_every)
-    classifier = train(train_set, epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr, batch_size=cfg.batch_size,
-                       target_fpr=cfg.target_fpr, calibration=cfg.calibration, seed=cfg.seed)
+    classifier = fit_classifier(cfg, train_set)
     classifier.save(out / "classifier")
     moderator = Moderator(ModerationConfig(), str(out / "classifier"), classifier=classifier)
     ev = {"train": classifier.meta["train_examples"], "threshold": moderator.threshold,
