@@ -1,14 +1,15 @@
 """Moderation quality and latency on the held-out labeled split: ours vs a lexicon-only peer.
 
 Ours is the `moderation` stage's code path (rules + fine-tuned MiniLM + lexicon -> softmax
-head, trained on the split's train part); the peer is `better-profanity`'s own
+head mixed with character n-grams, trained on the split's train part); the peer is `better-profanity`'s own
 `contains_profanity`, the usual drop-in filter. Both see the same held-out examples, one
 request at a time. With --serve the per-request latency is also measured through the Ray Serve
 moderation deployment's handle (a local Ray is started). With --cv K the training part is also
 scored out of fold (K classifiers, each trained without one fold; ~K minutes more): how well the
-fine-tuned model alone and averaged with the n-gram scorer can separate harmful from benign
+fine-tuned model alone and mixed with the n-gram scorer (several weights) can separate harmful from benign
 anywhere, i.e. the recall at FPR <= 0.05 with the threshold picked on those very scores -- a
-ceiling for the operating point, on 3x the examples of the held-out split.
+ceiling for the operating point, on 3x the examples of the held-out split. That run is what
+the classifier's n-gram weights (plain, accented text) are picked by.
 
     .venv/bin/python bench/moderation_eval.py [--serve] [--cv 5]
 
@@ -70,25 +71,30 @@ def through_serve(classifier_dir: Path, heldout) -> dict:
         ray.shutdown()
 
 
+WEIGHT_GRID = tuple((plain, acc) for plain in (0.25, 0.5) for acc in (0.5, 0.75, 0.9))
+
+
 def out_of_fold(train_part, k: int) -> dict:
-    """Out-of-fold P(not benign) on the training part for the fine-tuned model alone and with
-    n-grams: AUC and the recall (rules included) at FPR <= 0.05, overall and per language."""
+    """Out-of-fold P(not benign) on the training part for the fine-tuned model alone and mixed
+    with the n-grams at each (plain, accented) weight pair in WEIGHT_GRID: AUC and the recall
+    (rules included) at FPR <= 0.05, overall and per language. What NGRAM_WEIGHTS is picked by."""
     from sklearn.metrics import roc_auc_score
 
-    from serve.moderation.classifier import primary, stratified_split
+    from serve.moderation.classifier import NGRAM_WEIGHTS, primary, stratified_split
     from serve.moderation.rules import screen_rules
     from serve.moderation.stage import ModerationStageConfig, fit_classifier
 
+    variants = {"fine-tuned alone": (0.0, 0.0),
+                **{f"n-grams {p}/{a}" + (" (default)" if (p, a) == NGRAM_WEIGHTS else ""): (p, a) for p, a in WEIGHT_GRID}}
     texts = [e.text for e in train_part]
-    scores = {"fine-tuned alone": np.zeros(len(texts)), "with n-grams": np.zeros(len(texts))}
+    scores = {name: np.zeros(len(texts)) for name in variants}
     for f in range(k):  # stratified folds: every class spread over them by text hash
         rest, held = stratified_split(train_part, k, primary, salt="cv:", part=f)
         model = fit_classifier(ModerationStageConfig(), rest)
         held = {e.text for e in held}
         idx = [i for i, t in enumerate(texts) if t in held]
-        for name, weight in (("fine-tuned alone", 0.0), ("with n-grams", None)):
-            kw = {} if weight is None else {"ngram_weight": weight}
-            scores[name][idx] = model.predict([texts[i] for i in idx], **kw)[1]
+        for name, weights in variants.items():
+            scores[name][idx] = model.predict([texts[i] for i in idx], ngram_weights=weights)[1]
     harmful = np.array([bool(e.labels) for e in train_part])
     learned = np.array([primary(e) != "benign" for e in train_part])
     lang = np.array([e.lang for e in train_part])
@@ -103,7 +109,9 @@ def out_of_fold(train_part, k: int) -> dict:
         mask = learned | ~harmful
         out[name] = {"auc": round(float(roc_auc_score(learned[mask], s[mask])), 4),
                      "recall_at_fpr_0.05": round(float(flag[harmful].mean()), 3), "fpr": round(float(flag[~harmful].mean()), 3),
-                     **{f"recall_{L}": round(float(flag[harmful & (lang == L)].mean()), 3) for L in sorted(set(lang))}}
+                     **{f"recall_{L}": round(float(flag[harmful & (lang == L)].mean()), 3) for L in sorted(set(lang))},
+                     **{f"auc_{L}": round(float(roc_auc_score(learned[mask & (lang == L)], s[mask & (lang == L)])), 4)
+                        for L in sorted(set(lang))}}
     return out
 
 

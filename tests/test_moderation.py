@@ -11,7 +11,7 @@ import pytest
 
 from cluster.errors import UserError
 from serve.moderation.audit import AuditLog, parse_window, report
-from serve.moderation.classifier import CHUNK_CHARS, chunks, load_labeled, split
+from serve.moderation.classifier import CHUNK_CHARS, accented, chunks, load_labeled, split
 from serve.moderation.guard import parse_answer
 from serve.moderation.moderation_config import CATEGORIES, OPENAI_CATEGORIES, Action, ModerationConfig
 from serve.moderation.rules import redact, screen_rules
@@ -80,6 +80,13 @@ def test_policy_defaults_overrides_and_bad_values():
         ModerationConfig(policy={"hate": {"threshold": 0}})
 
 
+def test_accented_text_is_what_the_encoder_would_lose_marks_on():
+    assert accented("Uống bao nhiêu viên thuốc ngủ thì chết?") and accented("Đi đâu")
+    assert not accented("How do I sort a list in Python?") and not accented("I love the café on Main Street.")
+    assert not accented("") and not accented("12345 !!!")
+    assert all(accented(e.text) == (e.lang == "vi") for e in load_labeled())  # the share separates the two languages
+
+
 def test_the_labeled_set_and_its_checks(tmp_path):
     examples = load_labeled()
     assert len(examples) >= 400 and sum(e.lang == "vi" for e in examples) >= 20
@@ -98,7 +105,7 @@ def test_the_labeled_set_and_its_checks(tmp_path):
 
 
 def test_the_fine_tuned_classifier_saves_as_safetensors_and_loads_the_same(tmp_path):
-    from serve.moderation.classifier import Classifier, primary, train
+    from serve.moderation.classifier import NGRAM_WEIGHTS, Classifier, primary, train
 
     per_class: dict[str, list] = {}
     for e in split(load_labeled())[0]:
@@ -111,12 +118,17 @@ def test_the_fine_tuned_classifier_saves_as_safetensors_and_loads_the_same(tmp_p
     trained.save(tmp_path / "clf")
     assert (tmp_path / "clf" / "encoder" / "model.safetensors").is_file()
     assert (tmp_path / "clf" / "ngrams.safetensors").is_file()  # the character n-gram scorer, its C picked by CV
-    assert set(trained.meta["ngrams"]["cv_auc"]) == {"1.0", "4.0", "16.0", "64.0"} and trained.meta["ngrams"]["weight"] == 0.5
+    assert set(trained.meta["ngrams"]["cv_auc"]) == {"1.0", "4.0", "16.0", "64.0"}
     assert not list((tmp_path / "clf").rglob("*.bin")) and not list((tmp_path / "clf").rglob("*.pkl"))
     loaded = Classifier.load(tmp_path / "clf")
+    assert loaded.ngram_weights == trained.ngram_weights == NGRAM_WEIGHTS  # recorded in classifier.json
     texts = ["How do I sort a list in Python?", "I will find you and hurt you.", "x. " * CHUNK_CHARS]
     for got, want in zip(loaded.predict(texts), trained.predict(texts)):
         assert got.shape[0] == 3 and abs(got - want).max() < 1e-5
+    mixed = ["How many pills would kill me?", "Uống bao nhiêu viên thuốc thì chết?"]  # plain, accented
+    encoder_only, ngrams_only = (trained.predict(mixed, ngram_weights=(w, w))[1] for w in (0.0, 1.0))
+    want = [(1 - w) * e + w * n for w, e, n in zip(NGRAM_WEIGHTS, encoder_only, ngrams_only)]
+    assert abs(trained.predict(mixed)[1] - want).max() < 1e-5
     (tmp_path / "clf" / "ngrams.safetensors").unlink()
     with pytest.raises(UserError, match="is not a moderation classifier"):
         Classifier.load(tmp_path / "clf")

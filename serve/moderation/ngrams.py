@@ -5,7 +5,8 @@ Why a second scorer: the MiniLM tokenizer lowercases and strips accents, so Viet
 that differ only in their diacritics embed alike ("tự tử", suicide, becomes "tu tu", as do
 "tủ", "từ", "tù": cabinet, word, prison), and a fine-tuned encoder is confidently wrong on
 some benign look-alikes. Character n-grams see the diacritics and the
-exact words; their mistakes are different ones, so the two are averaged.
+exact words; their mistakes are different ones, so the two are mixed (`classifier.py`: more
+weight on the n-grams where the encoder loses the marks).
 
 Regularization C is picked by stratified k-fold CV on the fitting part only, scored by how well
 P(not benign) ranks harmful above benign (ROC AUC), which is what the operating point uses.
