@@ -11,7 +11,7 @@ anywhere, i.e. the recall at FPR <= 0.05 with the threshold picked on those very
 ceiling for the operating point, on 3x the examples of the held-out split. That run is what
 the classifier's n-gram weights (plain, accented text) are picked by.
 
-    .venv/bin/python bench/moderation_eval.py [--serve] [--cv 5]
+    .venv/bin/python bench/moderation_eval.py [--serve] [--cv 5] [--draws 3]
 
 The last line is JSON with the figures: recall on harmful, false-positive rate on benign,
 p95 latency, and `ratio` = our recall / the peer's recall.
@@ -115,10 +115,25 @@ def out_of_fold(train_part, k: int) -> dict:
     return out
 
 
+def other_draws(n: int) -> list[dict]:
+    """The whole evaluation again on `n` other held-out draws (other hash salts, same sizes):
+    how much the figures depend on which examples the split happened to hold out."""
+    from serve.moderation.stage import ModerationStageConfig, train_and_evaluate
+
+    out = []
+    for i in range(1, n + 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            ev = train_and_evaluate(ModerationStageConfig(heldout_salt=f"draw{i}:"), Path(tmp))
+        out.append({"salt": f"draw{i}:", "recall_harmful": ev["recall_harmful"], "fpr_benign": ev["fpr_benign"],
+                    **{f"recall_{L}": m["recall"] for L, m in ev["per_language"].items()}})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--serve", action="store_true", help="also time requests through the Ray Serve deployment")
     ap.add_argument("--cv", type=int, default=0, metavar="K", help="also score the training part out of fold (K >= 2)")
+    ap.add_argument("--draws", type=int, default=0, metavar="N", help="also evaluate on N other held-out draws")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moderation_eval.json")
     args = ap.parse_args()
 
@@ -130,6 +145,7 @@ def main() -> None:
         heldout = split(load_labeled())[1]
         served = through_serve(Path(tmp) / "classifier", heldout) if args.serve else None
     cv = out_of_fold(split(load_labeled())[0], args.cv) if args.cv >= 2 else None
+    draws = other_draws(args.draws)
     theirs = peer(heldout)
     print(table(ours))
     print(f"peer (better-profanity contains_profanity): recall {theirs['recall_harmful']}, FPR {theirs['fpr_benign']}, "
@@ -139,15 +155,19 @@ def main() -> None:
     if cv:
         print(f"out of fold ({cv['folds']} folds over the {cv['examples']} training examples):",
               *(f"{name}: {m}" for name, m in cv.items() if isinstance(m, dict)), sep="\n  ")
+    if draws:
+        print(f"{len(draws)} other held-out draws (recall on harmful / FPR on benign):",
+              *(f"{d['salt']} {d['recall_harmful']} / {d['fpr_benign']}" for d in draws), sep="\n  ")
     print("missed:", *ours["missed"], sep="\n  ")
     print("false positives:", *ours["false_positives"], sep="\n  ")
     line = {"heldout": ours["heldout"], "recall_harmful": ours["recall_harmful"], "fpr_benign": ours["fpr_benign"],
             "p95_ms": ours["latency_ms"]["p95"], "p95_ms_serve": served and served["p95"],
             "cv_recall_at_fpr_0.05": cv and {n: m["recall_at_fpr_0.05"] for n, m in cv.items() if isinstance(m, dict)},
+            "other_draws": draws and [[d["recall_harmful"], d["fpr_benign"]] for d in draws],
             "peer_recall": theirs["recall_harmful"], "peer_fpr": theirs["fpr_benign"],
             "ratio": round(ours["recall_harmful"] / max(theirs["recall_harmful"], 1e-9), 2)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"ours": ours, "peer": theirs, "serve": served, "cv": cv, "summary": line}, indent=2,
+    args.out.write_text(json.dumps({"ours": ours, "peer": theirs, "serve": served, "cv": cv, "draws": draws, "summary": line}, indent=2,
                                    ensure_ascii=False) + "\n")
     print(json.dumps(line))
 

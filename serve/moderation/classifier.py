@@ -102,9 +102,10 @@ def stratified_split(examples: list[Example], every: int, group, salt: str = "",
     return first, second
 
 
-def split(examples: list[Example], heldout_every: int = 4) -> tuple[list[Example], list[Example]]:
-    """(train, held out): per most specific label (pii and secrets too) or benign."""
-    return stratified_split(examples, heldout_every, lambda e: max(e.labels, key=len) if e.labels else "benign")
+def split(examples: list[Example], heldout_every: int = 4, salt: str = "") -> tuple[list[Example], list[Example]]:
+    """(train, held out): per most specific label (pii and secrets too) or benign; another
+    `salt` is another draw of the same size."""
+    return stratified_split(examples, heldout_every, lambda e: max(e.labels, key=len) if e.labels else "benign", salt)
 
 
 class Lexicon:
@@ -174,7 +175,7 @@ class Classifier:
         """[chunks, classes]: the sentence embedding (scaled) + lexicon -> head."""
         import torch
 
-        pooled = self.encoder(self.encoder.tokenize(parts))["sentence_embedding"]
+        pooled = self.encoder(self.encoder.preprocess(parts))["sentence_embedding"]
         lex = torch.tensor([[min(self.lexicon.hits(p), 3) / 3.0] for p in parts], dtype=pooled.dtype)
         return self.head(torch.cat([pooled * 10.0, lex], dim=-1))
 

@@ -25,6 +25,8 @@ class ModerationStageConfig(StrictModel):
     use_shipped: bool = Field(default=True, description="train on the labeled set shipped in serve/moderation/")
     labeled: list[str] = Field(default_factory=list, description="more labeled JSONL files ({text, labels, lang})")
     heldout_every: int = Field(default=4, ge=2, description="every k-th example per class is held out")
+    heldout_salt: str = Field(default="", description="salt of the text hash that orders each class for the split: "
+                                                      "another value draws another held-out part of the same size")
     epochs: int = Field(default=6, ge=1, description="fine-tuning epochs of the MiniLM encoder + head")
     lr: float = Field(default=5e-5, gt=0, description="encoder learning rate (AdamW)")
     head_lr: float = Field(default=1e-3, gt=0, description="head learning rate")
@@ -109,7 +111,7 @@ def train_and_evaluate(cfg: ModerationStageConfig, out: Path) -> dict:
     from serve.moderation.moderator import Moderator
 
     examples = [e for path in labeled_files(cfg) for e in load_labeled(path)]
-    train_set, heldout = split(examples, cfg.heldout_every)
+    train_set, heldout = split(examples, cfg.heldout_every, cfg.heldout_salt)
     classifier = fit_classifier(cfg, train_set)
     classifier.save(out / "classifier")
     moderator = Moderator(ModerationConfig(), str(out / "classifier"), classifier=classifier)
