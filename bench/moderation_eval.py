@@ -1,15 +1,18 @@
 """Moderation quality and latency on the held-out labeled split: ours vs a lexicon-only peer.
 
 Ours is the `moderation` stage's code path (rules + fine-tuned MiniLM + lexicon -> softmax
-head mixed with character n-grams, trained on the split's train part); the peer is `better-profanity`'s own
-`contains_profanity`, the usual drop-in filter. Both see the same held-out examples, one
+head, mixed with character n-grams; trained on the split's train part); the peer is
+`better-profanity`'s own `contains_profanity`, the usual drop-in filter. Both see the same held-out examples, one
 request at a time. With --serve the per-request latency is also measured through the Ray Serve
 moderation deployment's handle (a local Ray is started). With --cv K the training part is also
 scored out of fold (K classifiers, each trained without one fold; ~K minutes more): how well the
-fine-tuned model alone and mixed with the n-gram scorer (several weights) can separate harmful from benign
-anywhere, i.e. the recall at FPR <= 0.05 with the threshold picked on those very scores -- a
-ceiling for the operating point, on 3x the examples of the held-out split. That run is what
-the classifier's n-gram weights (plain, accented text) are picked by.
+fine-tuned model alone and mixed with the n-gram scorer (several weights) separate harmful from
+benign, as the recall at FPR <= 0.05 with one threshold picked on those pooled scores. It runs
+below the held-out figures (each fold's model trains on a fifth less data, and five models'
+scores share one threshold) but compares the variants on 3x the examples: it is what the
+classifier's n-gram weights (plain, accented text) are picked by. With --draws N the whole
+evaluation is repeated on N other held-out draws (other hash salts, same sizes): how much the
+figures depend on which examples the split happened to hold out.
 
     .venv/bin/python bench/moderation_eval.py [--serve] [--cv 5] [--draws 3]
 
@@ -116,8 +119,7 @@ def out_of_fold(train_part, k: int) -> dict:
 
 
 def other_draws(n: int) -> list[dict]:
-    """The whole evaluation again on `n` other held-out draws (other hash salts, same sizes):
-    how much the figures depend on which examples the split happened to hold out."""
+    """The whole evaluation again on `n` other held-out draws (other hash salts, same sizes)."""
     from serve.moderation.stage import ModerationStageConfig, train_and_evaluate
 
     out = []
