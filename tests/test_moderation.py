@@ -95,6 +95,8 @@ def test_the_labeled_set_and_its_checks(tmp_path):
         assert sum(c in e.labels for e in examples) >= 10, c
     train, held = split(examples)
     assert not {e.text for e in train} & {e.text for e in held} and 0.2 < len(held) / len(examples) < 0.3
+    other = split(examples, salt="draw1:")[1]  # moderation.heldout_salt: another quarter of the same size
+    assert len(other) == len(held) and {e.text for e in other} != {e.text for e in held}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "labels": []}\n{"text": "x", "labels": ["spam"]}\n')
     with pytest.raises(UserError, match=r"bad.jsonl:2: unknown categories \['spam'\]"):
