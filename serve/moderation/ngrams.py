@@ -1,5 +1,5 @@
 """The classifier's second scorer: character n-gram TF-IDF -> multinomial logistic regression
-over the same classes as the fine-tuned MiniLM head (scikit-learn; ~17 s with its CV here).
+over the same classes as the fine-tuned MiniLM head (scikit-learn; ~40 s with its CV here).
 
 Why a second scorer: the MiniLM tokenizer lowercases and strips accents, so Vietnamese words
 that differ only in their diacritics embed alike ("tự tử", suicide, becomes "tu tu", as do
