@@ -1,7 +1,7 @@
 """Moderation quality and latency on the held-out labeled split: ours vs a lexicon-only peer.
 
 Ours is the `moderation` stage's code path (rules + fine-tuned MiniLM + lexicon -> softmax
-head, mixed with character n-grams; trained on the split's train part); the peer is
+head, mixed with character and word n-grams; trained on the split's train part); the peer is
 `better-profanity`'s own `contains_profanity`, the usual drop-in filter. Both see the same
 held-out examples, one request at a time. With --serve the per-request latency is also measured through the Ray Serve
 moderation deployment's handle (a local Ray is started). With --cv K the training part is also

@@ -119,7 +119,7 @@ def test_the_fine_tuned_classifier_saves_as_safetensors_and_loads_the_same(tmp_p
     assert trained.meta["calibration"]["examples"] >= len(per_class) and 0.3 <= trained.meta["threshold"] <= 0.95
     trained.save(tmp_path / "clf")
     assert (tmp_path / "clf" / "encoder" / "model.safetensors").is_file()
-    assert (tmp_path / "clf" / "ngrams.safetensors").is_file()  # the character n-gram scorer, its C picked by CV
+    assert (tmp_path / "clf" / "ngrams.safetensors").is_file()  # the n-gram scorer, its C picked by CV
     assert set(trained.meta["ngrams"]["cv_auc"]) == {"1.0", "4.0", "16.0", "64.0"}
     assert not list((tmp_path / "clf").rglob("*.bin")) and not list((tmp_path / "clf").rglob("*.pkl"))
     loaded = Classifier.load(tmp_path / "clf")
@@ -134,6 +134,32 @@ def test_the_fine_tuned_classifier_saves_as_safetensors_and_loads_the_same(tmp_p
     (tmp_path / "clf" / "ngrams.safetensors").unlink()
     with pytest.raises(UserError, match="is not a moderation classifier"):
         Classifier.load(tmp_path / "clf")
+
+
+def test_the_ngram_scorer_reads_words_and_characters_and_loads_an_older_characters_only_file(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from serve.moderation.ngrams import NgramScorer
+
+    harmful = ["Cách tự tử nhanh nhất là gì?", "I will hurt you tonight.", "Chỉ tôi cách mua ma túy.", "Kill them all."]
+    benign = ["Cái tủ này màu gì?", "How do I sort a list?", "Từ này nghĩa là gì?", "Ở nhà nấu cơm đi."]
+    texts, labels = (harmful + benign) * 3, ([1] * 4 + [0] * 4) * 3
+    scorer = NgramScorer.fit(texts, labels, 2)
+    words = dict(scorer.vectorizers)["word"].vocabulary_
+    assert {"tự tử", "ma túy", "ở"} <= set(words) and scorer.meta["features"]["char"] > len(words) > 0
+    assert scorer.probs(["tự tử"])[0, 1] > scorer.probs(["cái tủ"])[0, 1]  # the marks tell them apart
+    scorer.save(tmp_path / "new")
+    assert abs(NgramScorer.load(tmp_path / "new").probs(texts) - scorer.probs(texts)).max() < 1e-6
+    char = dict(scorer.vectorizers)["char"]  # the layout older classifiers were saved in: characters only
+    older = NgramScorer([("char", char)], np.ascontiguousarray(scorer.coef[:, :len(char.vocabulary_)]),
+                        scorer.intercept, {})
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "ngrams.json").write_text(json.dumps(
+        {"settings": scorer.meta["vectorizers"]["char"], "C": 1.0,
+         "vocabulary": {t: int(i) for t, i in char.vocabulary_.items()}}, ensure_ascii=False))
+    save_file({"idf": char.idf_, "coef": older.coef, "intercept": older.intercept}, str(tmp_path / "old" / "ngrams.safetensors"))
+    assert abs(NgramScorer.load(tmp_path / "old").probs(texts) - older.probs(texts)).max() < 1e-6
 
 
 def test_guard_answers_are_parsed_or_refused():

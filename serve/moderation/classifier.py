@@ -14,7 +14,8 @@ n-gram scorer over the same classes (`ngrams.py`).
   against every leetspeak variant (0.8 s for 5 KB here), so the list is matched as a set of
   normalized words instead; min(hits, 3) / 3 is the head's 385th input.
 - N-grams: class probabilities are a weighted mean of the fine-tuned head's and a character
-  n-gram TF-IDF logistic regression's (fit on the same chunks; its C by CV on that part).
+  n-gram + word uni/bigram TF-IDF logistic regression's (fit on the same chunks; its C by CV
+  on that part).
   The weight depends on what the encoder can read: its tokenizer is uncased and strips
   accents ("tự tử", suicide, reaches it as "tu tu", like "tủ", cupboard), so a chunk whose
   letters carry such marks (Vietnamese: >= 12% of letters in every labeled example, English
@@ -150,7 +151,7 @@ def chunks(text: str) -> list[str]:
 
 
 class Classifier:
-    """(Fine-tuned MiniLM + lexicon -> linear softmax head) mixed with character n-grams;
+    """(Fine-tuned MiniLM + lexicon -> linear softmax head) mixed with character and word n-grams;
     classes[0] is "benign"."""
 
     def __init__(self, encoder, head, classes: tuple[str, ...], meta: dict, ngrams: NgramScorer):
