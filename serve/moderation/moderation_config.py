@@ -37,15 +37,19 @@ class CategoryPolicy(StrictModel):
 
     input: Action | None = None
     output: Action | None = None
-    threshold: float | None = Field(default=None, gt=0, le=1)
+    threshold: float | None = Field(default=None, gt=0, le=1,
+                                    description="score at which the category is flagged (default: the classifier's "
+                                                "operating point; 0.5 for pii and secrets, which only rules score)")
 
 
 def default_policy(category: str) -> CategoryPolicy:
+    """No threshold for a learned category: a fixed 0.5 would flag, below the operating point the
+    `moderation` stage calibrated, texts that P(not benign) lets through."""
     if category in _REDACTABLE:
         return CategoryPolicy(input=Action.redact, output=Action.redact, threshold=0.5)
     if category == "prompt_injection":  # a model that repeats an injection is not itself harmful
-        return CategoryPolicy(input=Action.block, output=Action.log, threshold=0.5)
-    return CategoryPolicy(input=Action.block, output=Action.block, threshold=0.5)
+        return CategoryPolicy(input=Action.block, output=Action.log)
+    return CategoryPolicy(input=Action.block, output=Action.block)
 
 
 class ModerationConfig(StrictModel):

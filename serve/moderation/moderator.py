@@ -84,6 +84,11 @@ class Moderator:
         roles = roles or [None] * len(texts)
         return [self._verdict(t, row, direction, role) for t, row, role in zip(texts, classified, roles)]
 
+    def limit(self, category: str) -> float:
+        """The score at which `category` is flagged: the policy's, else the operating point."""
+        threshold = self.cfg.rule(category).threshold
+        return self.threshold if threshold is None else threshold
+
     def _verdict(self, text: str, row: np.ndarray, direction: Direction, role: str | None = None) -> Verdict:
         scores = {c: 0.0 for c in CATEGORIES}
         for c, s in zip(LEARNED, row[:-1]):
@@ -96,7 +101,7 @@ class Moderator:
                 scores[c] = 1.0
                 if c in PARENT:
                     scores[PARENT[c]] = 1.0
-        flagged = {c: scores[c] >= self.cfg.rule(c).threshold for c in CATEGORIES}
+        flagged = {c: scores[c] >= self.limit(c) for c in CATEGORIES}
         if row[-1] >= self.threshold:  # harmful overall: its most likely category
             top = max(LEARNED, key=lambda c: (scores[c], "/" not in c))
             flagged[top] = True
