@@ -3,8 +3,8 @@
 Ours is the `moderation` stage's code path (rules + fine-tuned MiniLM + lexicon -> softmax
 head, mixed with character and word n-grams; trained on the split's train part); the peer is
 `better-profanity`'s own `contains_profanity`, the usual drop-in filter. Both see the same
-held-out examples, one request at a time. With --serve the per-request latency is also measured through the Ray Serve
-moderation deployment's handle (a local Ray is started). With --cv K the training part is also
+held-out examples, one request at a time. With --serve the per-request latency is also
+measured through the Ray Serve moderation deployment's handle (a local Ray is started). With --cv K the training part is also
 scored out of fold (K classifiers, each trained without one fold; ~K minutes more): how well the
 fine-tuned model alone and mixed with the n-gram scorer (several weights) separate harmful from
 benign, as the recall at FPR <= 0.05 with one threshold picked on those pooled scores. It runs

@@ -217,19 +217,23 @@ def test_fragments_without_words_are_left_to_the_rules(post_run):
 def test_a_category_is_flagged_at_the_operating_point_unless_the_policy_sets_its_own_threshold(post_run):
     import numpy as np
 
-    from serve.moderation.classifier import LEARNED
+    from serve.moderation.classifier import LEARNED, Classifier
     from serve.moderation.moderator import Moderator
 
     row = np.zeros(len(LEARNED) + 1, dtype=np.float32)  # classifier scores, P(not benign) last
     row[LEARNED.index("hate")] = row[-1] = 0.7
     folder = str(post_run / "moderation" / "classifier")
-    calibrated = Moderator(ModerationConfig(classifier_threshold=0.8), folder)
+    trained = Classifier.load(folder)  # loaded once, shared by the three policies
+
+    def moderator(**cfg) -> Moderator:
+        return Moderator(ModerationConfig(**cfg), folder, classifier=trained)
+
+    calibrated = moderator(classifier_threshold=0.8)
     assert calibrated.limit("hate") == 0.8 and calibrated.limit("pii") == 0.5
     assert not calibrated._verdict("some text", row, "input").flagged  # 0.7: above 0.5, below the operating point
-    own = Moderator(ModerationConfig(classifier_threshold=0.8, policy={"hate": {"threshold": 0.6}}), folder)
-    verdict = own._verdict("some text", row, "input")
+    verdict = moderator(classifier_threshold=0.8, policy={"hate": {"threshold": 0.6}})._verdict("some text", row, "input")
     assert verdict.categories["hate"] and not verdict.categories["violence"] and verdict.action == "block"
-    assert Moderator(ModerationConfig(classifier_threshold=0.65), folder)._verdict("some text", row, "input").flagged
+    assert moderator(classifier_threshold=0.65)._verdict("some text", row, "input").flagged
 
 
 @pytest.mark.slow
