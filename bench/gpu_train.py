@@ -62,6 +62,11 @@ def main() -> None:
     from jobs.train_loop import LocalEnv, run_training
 
     use_gpu = torch.cuda.is_available()
+    context_bytes = 0
+    if use_gpu:  # the CUDA context alone, before any tensor: what the allocator's peak leaves out
+        torch.zeros(1, device="cuda")
+        free, total = torch.cuda.mem_get_info()
+        context_bytes = total - free - torch.cuda.memory_reserved()
     cfg = PretrainConfig.model_validate({
         "model": {"preset": args.preset}, "steps": args.steps, "warmup_steps": min(5, args.steps - 1),
         "global_batch": args.micro_batch * args.grad_accum, "micro_batch": args.micro_batch,
@@ -86,12 +91,25 @@ def main() -> None:
     mfu = flops_per_token(config, args.seq) * tokens_s / (args.peak_tflops * 1e12)
     device = torch.cuda.get_device_name(0) if use_gpu else "cpu"
     memory = torch.cuda.max_memory_allocated() / 2**30 if use_gpu else None
+    from jobs.memory_estimate import llama_shape, training_needs
+
+    need = training_needs("pretrain", llama_shape(config), workers=1, gpu=use_gpu, cpus_per_worker=1,
+                          zero_stage=args.zero_stage, micro_batch=args.micro_batch, seq_len=args.seq,
+                          activation_checkpointing=args.activation_checkpointing, offload_optimizer=False)
+    measured = (torch.cuda.max_memory_reserved() + context_bytes) / 2**30 if use_gpu else history[-1]["peak_rss_mb"] / 1024
+    estimate = (need.gpu_bytes if use_gpu else need.ram_bytes) / 2**30
+    print(f"planner: estimate {estimate:.1f} GiB vs measured peak {measured:.1f} GiB "
+          f"({'allocator reserved + CUDA context' if use_gpu else 'RSS'}): {estimate / measured:.2f}x; "
+          + ", ".join(f"{k} {v / 2**30:.1f}" for k, v in need.parts.items()), flush=True)
     print(f"{device}: {args.preset} ({parameter_count(config) / 1e9:.2f} B params), seq {args.seq}, "
           f"micro-batch {args.micro_batch}, attention {pick_attention() if use_gpu else 'sdpa'}, ZeRO-{args.zero_stage}: "
           f"{tokens_s:,.0f} tokens/s, MFU {mfu:.3f} of {args.peak_tflops:.0f} TFLOP/s", flush=True)
     print(json.dumps({"bench": "gpu_train", "device": device, "preset": args.preset, "seq_len": args.seq,
                       "tokens_s": round(tokens_s), "mfu": round(mfu, 4), "target_mfu": 0.45,
-                      "max_memory_gib": round(memory, 1) if memory else None}))
+                      "max_memory_gib": round(memory, 1) if memory else None, "zero_stage": args.zero_stage,
+                      "micro_batch": args.micro_batch, "activation_checkpointing": args.activation_checkpointing,
+                      "plan_estimate_gib": round(estimate, 2), "measured_peak_gib": round(measured, 2),
+                      "estimate_vs_measured": round(estimate / measured, 3)}))
 
 
 if __name__ == "__main__":

@@ -127,6 +127,31 @@ def _keep_serving(recipe, manifest) -> None:
             pass
 
 
+@app.command("plan")
+@user_errors
+def plan_command(
+    config: Recipe,
+    overrides: Overrides = None,
+    address: RayAddress = None,
+    overlay: Overlays = None,
+    cluster_file: Annotated[Optional[Path], typer.Option("--cluster-file", help="Plan against a cluster-launcher "
+                                                         "file's node types (e.g. ray_cluster.yaml).")] = None,
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Estimate every stage's memory per worker (model states per ZeRO stage, activations, KV
+    cache, AWQ calibration) against the cluster's nodes; exit 2 when something cannot fit."""
+    from cluster.plan import capacity_for, check, format_plan, plan_as_json, recipe_needs
+
+    recipe = _recipe(config, overrides or [], overlay or [], None)
+    capacity = capacity_for(recipe, address=address, cluster_file=cluster_file)
+    needs = recipe_needs(recipe)
+    problems = check(needs, capacity)
+    typer.echo(json.dumps(plan_as_json(needs, capacity, problems), indent=2) if as_json
+               else format_plan(needs, capacity, problems))
+    if problems:
+        raise typer.Exit(2)
+
+
 @app.command("tune")
 @user_errors
 def tune_command(config: Recipe, overrides: Overrides = None, address: RayAddress = None, overlay: Overlays = None) -> None:

@@ -114,6 +114,13 @@ def run_stage(recipe: Recipe, name: str, *, echo: Callable[[str], None] = _echo)
 
 def run_pipeline(recipe: Recipe, *, echo: Callable[[str], None] = _echo) -> list[Manifest]:
     """Run the recipe's stages in order; stop at the first failure."""
+    from cluster.plan import capacity_for, preflight, unfinished
+
     if not recipe.stages:
         echo(f"aero: recipe {recipe.source or recipe.run} lists no stages; nothing to run")
+    todo = unfinished(recipe)
+    if todo:
+        capacity = capacity_for(recipe)
+        needs = preflight(recipe, capacity, todo)
+        echo(f"aero: pre-flight: {len(needs)} worker kinds of {len(todo)} stages fit {capacity.source}")
     return [run_stage(recipe, name, echo=echo) for name in recipe.stages]

@@ -82,3 +82,5 @@ class Stage:
     description: str = ""
     # Run even when finished with the same inputs: its work is a running service, not a file.
     always_run: bool = False
+    # (recipe, config) -> list[cluster.plan.WorkerNeed]: what its workers need (the planner).
+    memory: Callable[[Any, Any], list] | None = None

@@ -185,9 +185,37 @@ def run(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> StageResult:
     return StageResult(outputs=outputs, metrics=summary)
 
 
+def memory_needs(kind: str, recipe, cfg: PostTrainConfig) -> list:
+    """The planner's figure for one worker (cluster/plan.py): the policy being trained, plus the
+    frozen models it holds (DPO's reference; GRPO's reference and reward model)."""
+    from jobs.memory_estimate import model_shape_for, training_needs
+
+    shape = model_shape_for(recipe, cfg.base)
+    if shape is None:
+        return []
+    frozen = 0
+    if isinstance(cfg, DPOConfig) and not cfg.lora.enabled:
+        frozen = 1  # the reference policy (with LoRA, TRL uses the base with the adapter off)
+    if isinstance(cfg, GRPOConfig):
+        frozen = 1 + (cfg.beta > 0 and not cfg.lora.enabled)
+    if kind == "reward":  # a scalar head, no vocabulary logits
+        from dataclasses import replace
+
+        shape = replace(shape, vocab=1)
+    pairs = 2 if kind in ("dpo", "reward") else 1  # chosen and rejected go through together
+    batch = cfg.per_device_batch * pairs
+    return [training_needs(
+        kind, shape, workers=cfg.scaling.num_workers, gpu=cfg.scaling.use_gpu,
+        cpus_per_worker=cfg.scaling.cpus_per_worker, zero_stage=cfg.zero_stage if cfg.scaling.use_gpu else 0,
+        micro_batch=batch, seq_len=cfg.max_length or shape.context, activation_checkpointing=False,
+        offload_optimizer=cfg.offload_optimizer, frozen_copies=frozen, trainable=not cfg.lora.enabled,
+        role="TRL worker" + (" (LoRA)" if cfg.lora.enabled else ""),
+    )]
+
+
 def _stage(kind: str, config_model: type[PostTrainConfig], description: str) -> Stage:
     return Stage(name=kind, config_model=config_model, run=partial(run, kind), needs=("chat_data",),
-                 outside_inputs=upstream_inputs, description=description)
+                 outside_inputs=upstream_inputs, description=description, memory=partial(memory_needs, kind))
 
 
 SFT = _stage("sft", SFTConfig, "supervised fine-tuning with TRL's SFTTrainer on Ray Train")

@@ -141,7 +141,8 @@ def run(ctx: StageContext, cfg: PretrainConfig) -> StageResult:
     with result.checkpoint.as_directory() as d:
         model_dir = export_model(cfg, plan, Path(d), Path(index["tokenizer"]), ctx.stage_dir / "model")
     final = result.metrics
-    summary = {k: final.get(k) for k in ("step", "loss", "val_loss", "val_ppl", "tokens_per_s", "mfu")}
+    summary = {k: final.get(k) for k in ("step", "loss", "val_loss", "val_ppl", "tokens_per_s", "mfu",
+                                         "peak_rss_mb", "peak_gpu_mb")}
     atomic_write_text(ctx.stage_dir / "train.json", json.dumps(summary, indent=2) + "\n")
     return StageResult(
         outputs={"model": model_dir, "metrics": ctx.stage_dir / "metrics.jsonl", "loss_curve": ctx.stage_dir / "loss.png"},
@@ -149,10 +150,24 @@ def run(ctx: StageContext, cfg: PretrainConfig) -> StageResult:
     )
 
 
+def memory_needs(recipe, cfg: PretrainConfig) -> list:
+    """The planner's figure for one pretraining worker (cluster/plan.py)."""
+    from jobs.memory_estimate import model_shape_for, training_needs
+
+    shape = model_shape_for(recipe, "pretrain")
+    return [training_needs(
+        "pretrain", shape, workers=cfg.scaling.num_workers, gpu=cfg.scaling.use_gpu,
+        cpus_per_worker=cfg.scaling.cpus_per_worker, zero_stage=cfg.zero_stage, micro_batch=cfg.micro_batch,
+        seq_len=recipe.stage_config("tokenizer").seq_len, activation_checkpointing=cfg.activation_checkpointing,
+        offload_optimizer=cfg.offload_optimizer,
+    )]
+
+
 STAGE = Stage(
     name="pretrain",
     config_model=PretrainConfig,
     run=run,
+    memory=memory_needs,
     needs=("tokenizer",),
     description="pretrain a Llama model with DeepSpeed ZeRO on Ray Train",
 )

@@ -121,7 +121,32 @@ def _inputs(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, str]:
     return inputs
 
 
-STAGE = Stage(name="quantize", config_model=QuantizeConfig, run=run, outside_inputs=_inputs,
+def memory_needs(recipe, cfg: QuantizeConfig) -> list:
+    """The planner's figure for the quantizing task (cluster/plan.py): the fp model and the
+    quantized copy being written, the calibration tokens' layer inputs and MLP activations
+    (autoawq runs every calibration token through each layer at once), and the logits of the
+    perplexity measurement."""
+    from cluster.plan import WorkerNeed
+    from jobs.memory_estimate import WORKER_RUNTIME_BYTES, model_shape_for
+
+    shape = model_shape_for(recipe, cfg.model)
+    if shape is None:
+        return []
+    seq = cfg.calibration.seq_len or min(recipe.stage_config("tokenizer").seq_len, shape.context)
+    tokens = cfg.calibration.calib_sequences * seq
+    width = 2 if cfg.gpus else 4
+    parts = {"runtime": WORKER_RUNTIME_BYTES, "models": 2 * shape.params * 4,
+             "calibration": tokens * (2 * shape.hidden + 3 * shape.intermediate) * 4,
+             "logits": seq * shape.vocab * 4 * 3}
+    if cfg.gpus:
+        gpu = sum(parts.values()) - WORKER_RUNTIME_BYTES
+        return [WorkerNeed("quantize", "AWQ task (GPU)", 1, WORKER_RUNTIME_BYTES + 4 * shape.params, gpu * width // 4,
+                           gpus_per_worker=cfg.gpus, cpus_per_worker=cfg.cpus, parts=parts)]
+    return [WorkerNeed("quantize", "AWQ task", 1, sum(parts.values()), cpus_per_worker=cfg.cpus, parts=parts,
+                       note=f"{tokens} calibration tokens")]
+
+
+STAGE = Stage(name="quantize", config_model=QuantizeConfig, run=run, outside_inputs=_inputs, memory=memory_needs,
               description="AWQ 4-bit checkpoints with an RTN baseline and a quality/size/speed table")
 
 

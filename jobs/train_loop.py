@@ -59,8 +59,8 @@ def run_training(cfg: PretrainConfig, plan: dict[str, Any], env) -> dict[str, An
     config = llama_config(cfg.model, vocab_size=plan["vocab_size"], seq_len=plan["seq_len"],
                           bos_id=plan["bos_id"], eos_id=plan["eos_id"], pad_id=plan["pad_id"])
     model = build_model(config, use_gpu=cfg.scaling.use_gpu)
-    if cfg.activation_checkpointing:
-        model.activation_checkpointing_enable()
+    if cfg.activation_checkpointing:  # transformers renamed gradient_ to activation_checkpointing_enable
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     if cfg.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -111,12 +111,14 @@ def run_training(cfg: PretrainConfig, plan: dict[str, Any], env) -> dict[str, An
             )
         elapsed = time.perf_counter() - start
         tokens_per_s = tokens_per_step / elapsed
+        peak_rss_mb, peak_gpu_mb = _peak_memory_mb(device)
         metrics = {
             "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
             "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
             "step_time_s": elapsed, "wall_time": time.time(), "consumed_micro_batches": consumed,
             "batch_checksum": checksum,
             "mfu": flops * tokens_per_s / (peak * plan["world_size"]) if peak else None,
+            "peak_rss_mb": peak_rss_mb, "peak_gpu_mb": peak_gpu_mb,
         }
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics["val_loss"] = _validate(engine, env, cfg, device)
@@ -131,6 +133,24 @@ def run_training(cfg: PretrainConfig, plan: dict[str, Any], env) -> dict[str, An
             env.report(metrics)  # a report is a barrier across workers: not every step
     env.close()
     return metrics
+
+
+def _peak_memory_mb(device) -> tuple[float, float | None]:
+    """The largest peak over all workers: process RSS (the planner's CPU figure) and, on GPU,
+    what PyTorch's allocator reserved (the planner's GPU figure, less the CUDA context)."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    gpu = str(device).startswith("cuda")
+    values = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+              torch.cuda.max_memory_reserved() / 2**20 if gpu else 0.0]
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    rss, reserved = tensor.tolist()
+    return round(rss, 1), round(reserved, 1) if gpu else None
 
 
 def _validate(engine, env, cfg: PretrainConfig, device) -> float:

@@ -161,5 +161,29 @@ def _inputs(ctx: StageContext, cfg: ServeConfig) -> dict[str, str]:
     return {f"stage:{ref}": ctx.upstream(ref).output_id for ref in refs if not _is_folder(ref)}
 
 
+def memory_needs(recipe, cfg: ServeConfig) -> list:
+    """The planner's figure per LLM replica (cluster/plan.py): fp32 weights on CPU (bf16 on
+    GPU) and the KV cache of `max_batch` sequences at the model's full context."""
+    from cluster.plan import WorkerNeed
+    from jobs.memory_estimate import CUDA_CONTEXT_BYTES, WORKER_RUNTIME_BYTES, kv_cache_bytes, model_shape_for
+
+    needs = []
+    for spec in cfg.models:
+        shape = model_shape_for(recipe, spec.source) if spec.source else None
+        if shape is None:
+            continue
+        gpu = spec.deployment.num_gpus > 0
+        parts = {"runtime": WORKER_RUNTIME_BYTES, "weights": shape.params * (2 if gpu else 4),
+                 "kv_cache": kv_cache_bytes(shape, sequences=spec.max_batch, context=shape.context, gpu=gpu)}
+        replicas = max(spec.deployment.autoscaling.max_replicas, 1)
+        device = parts["weights"] + parts["kv_cache"] + CUDA_CONTEXT_BYTES if gpu else 0
+        needs.append(WorkerNeed("serve", f"LLM replica {spec.name!r}", replicas,
+                                WORKER_RUNTIME_BYTES if gpu else sum(parts.values()), device,
+                                gpus_per_worker=spec.deployment.num_gpus, cpus_per_worker=spec.deployment.num_cpus,
+                                parts=parts, note=f"max_batch {spec.max_batch} x context {shape.context}"))
+    return needs
+
+
 STAGE = Stage(name="serve", config_model=ServeConfig, run=run, outside_inputs=_inputs, always_run=True,
+              memory=memory_needs,
               description="Ray Serve: OpenAI-compatible gateway over the recipe's models")
