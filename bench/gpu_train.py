@@ -94,7 +94,7 @@ def main() -> None:
     from jobs.memory_estimate import llama_shape, training_needs
 
     need = training_needs("pretrain", llama_shape(config), workers=1, gpu=use_gpu, cpus_per_worker=1,
-                          zero_stage=args.zero_stage, micro_batch=args.micro_batch, seq_len=args.seq,
+                          zero_stage=args.zero_stage, batch=args.micro_batch, seq_len=args.seq,
                           activation_checkpointing=args.activation_checkpointing, offload_optimizer=False)
     measured = (torch.cuda.max_memory_reserved() + context_bytes) / 2**30 if use_gpu else history[-1]["peak_rss_mb"] / 1024
     estimate = (need.gpu_bytes if use_gpu else need.ram_bytes) / 2**30

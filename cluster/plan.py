@@ -168,7 +168,8 @@ def check(needs: list[WorkerNeed], capacity: Capacity) -> list[str]:
             message = (f"{need.stage} needs ~{gib(need.ram_bytes)} of RAM per worker x {need.workers} ({need.role}); "
                        f"the largest node of {capacity.source} has {gib(have)}")
         fixes = [label for label, ram, gpu in need.alternatives if _fits(need, ram, gpu, capacity)]
-        problems.append(message + (f"; try {fixes[0]}" if fixes else "; no cheaper setting of this stage fits"))
+        problems.append(message + (f"; try {' or '.join(fixes[:2])}" if fixes else
+                                   "; no cheaper setting of this stage fits"))
     return problems
 
 

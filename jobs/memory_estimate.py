@@ -87,13 +87,22 @@ def model_state_bytes(shape: ModelShape, *, world: int, zero_stage: int, gpu: bo
             return {"model_states": 4 * p, "host": optimizer + 4 * p // split}
         return {"model_states": 4 * p + optimizer + (4 * p // split if zero_stage == 1 else 0), "host": 0}
     # fp32 on CPU. DeepSpeed's ZeRO-1/2/3 optimizers keep their own fp32 partition of the
-    # weights and of the gradients beside the model's (a clone even when the model is fp32).
+    # weights and of the gradients beside the model's (a clone even when the model is fp32),
+    # and gradients pass through a reduce bucket of up to REDUCE_BUCKET_ELEMENTS.
     if zero_stage == 0:
         return {"model_states": 16 * p, "host": 0}
     part = p // n
-    weights = 4 * p if zero_stage < 3 else 4 * part + 4 * shape.largest_layer_params
-    grads = 4 * p if zero_stage == 1 else 4 * min(p, REDUCE_BUCKET_ELEMENTS) // (2 if zero_stage == 3 else 1)
-    return {"model_states": weights + grads + 4 * part + 4 * part + 8 * part, "host": 0}
+    bucket = 4 * min(p, REDUCE_BUCKET_ELEMENTS)
+    partitions = 4 * part + 4 * part + 8 * part  # master weights, gradient partition, AdamW moments
+    if zero_stage == 1:
+        return {"model_states": 4 * p + 4 * p + partitions, "host": 0}
+    if zero_stage == 2:
+        return {"model_states": 4 * p + bucket + partitions, "host": 0}
+    # ZeRO-3 without zero.Init: parameters under stage3_max_live_parameters (1e9 by default)
+    # are gathered whole for forward and backward, and each layer's full gradients exist
+    # before they are reduced into the bucket.
+    live = 4 * min(p, 10**9)
+    return {"model_states": live + 4 * part + 4 * p + bucket + partitions, "host": 0}
 
 
 def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, gpu: bool,
@@ -159,18 +168,23 @@ def model_shape_for(recipe, ref: str) -> ModelShape | None:
 
 
 def training_needs(stage: str, shape: ModelShape, *, workers: int, gpu: bool, cpus_per_worker: float,
-                   zero_stage: int, micro_batch: int, seq_len: int, activation_checkpointing: bool,
-                   offload_optimizer: bool, frozen_copies: int = 0, trainable: bool = True,
-                   role: str = "training worker"):
-    """A training stage's WorkerNeed, with the cheaper settings to suggest when it does not fit:
-    ZeRO-3, activation checkpointing, half the micro-batch, optimizer offload."""
+                   zero_stage: int, batch: int, seq_len: int, activation_checkpointing: bool,
+                   offload_optimizer: bool, sequences_per_example: int = 1, frozen_copies: int = 0,
+                   trainable: bool = True, batch_key: str = "micro_batch", role: str = "training worker"):
+    """A training stage's WorkerNeed, with the cheaper settings (as `stage.key value`) to
+    suggest when it does not fit: ZeRO-3, activation checkpointing, smaller batches, optimizer
+    offload. `batch` is the config's per-worker batch; each example is
+    `sequences_per_example` sequences (a preference pair: 2)."""
     from cluster.plan import WorkerNeed
 
     def sized(**change) -> tuple[int, int, dict[str, int]]:
-        settings = {"zero_stage": zero_stage, "micro_batch": micro_batch, "offload_optimizer": offload_optimizer,
+        settings = {"zero_stage": zero_stage, "batch": batch, "offload_optimizer": offload_optimizer,
                     "activation_checkpointing": activation_checkpointing, **change}
-        parts = training_worker_bytes(shape, world=workers, gpu=gpu, seq_len=seq_len, frozen_copies=frozen_copies,
-                                      **settings)
+        parts = training_worker_bytes(
+            shape, world=workers, gpu=gpu, seq_len=seq_len, frozen_copies=frozen_copies,
+            zero_stage=settings["zero_stage"], micro_batch=settings["batch"] * sequences_per_example,
+            activation_checkpointing=settings["activation_checkpointing"],
+            offload_optimizer=settings["offload_optimizer"])
         if not trainable:  # LoRA: the base weights are frozen, its few adapter states are left out
             parts["model_states"] = 0
         host = parts.pop("host", 0)
@@ -181,21 +195,18 @@ def training_needs(stage: str, shape: ModelShape, *, workers: int, gpu: bool, cp
 
     ram, gpu_bytes, parts = sized()
     options: list[tuple[str, dict]] = []
-    if zero_stage < 3:
+    if gpu and zero_stage < 3:
         options.append(("zero_stage 3", {"zero_stage": 3}))
     if not activation_checkpointing:
-        options.append(("activation_checkpointing: true", {"activation_checkpointing": True}))
-    mb = micro_batch
-    while mb > 1:
-        mb //= 2
-        options.append((f"micro_batch {mb}", {"micro_batch": mb}))
-    if not offload_optimizer and zero_stage > 0:
-        options.append(("offload_optimizer: true", {"offload_optimizer": True}))
-    alternatives = []
-    for label, change in options:
-        r, g, _ = sized(**change)
-        alternatives.append((f"{stage}.{label}", r, g))
-    return WorkerNeed(stage=stage, role=f"{role}, ZeRO-{zero_stage}, micro_batch {micro_batch}", workers=workers,
+        options.append(("activation_checkpointing true", {"activation_checkpointing": True}))
+    smaller = batch
+    while smaller > 1:
+        smaller //= 2
+        options.append((f"{batch_key} {smaller}", {"batch": smaller}))
+    if gpu and not offload_optimizer and zero_stage > 0:
+        options.append(("offload_optimizer true", {"offload_optimizer": True}))
+    alternatives = [(f"{stage}.{label}", *sized(**change)[:2]) for label, change in options]
+    return WorkerNeed(stage=stage, role=f"{role}, ZeRO-{zero_stage}, {batch_key} {batch}", workers=workers,
                       ram_bytes=ram, gpu_bytes=gpu_bytes, gpus_per_worker=1.0 if gpu else 0.0,
                       cpus_per_worker=cpus_per_worker, parts={"runtime": WORKER_RUNTIME_BYTES, **parts},
                       alternatives=alternatives, note=f"{shape.params / 1e6:.0f}M params")

@@ -202,14 +202,13 @@ def memory_needs(kind: str, recipe, cfg: PostTrainConfig) -> list:
         from dataclasses import replace
 
         shape = replace(shape, vocab=1)
-    pairs = 2 if kind in ("dpo", "reward") else 1  # chosen and rejected go through together
-    batch = cfg.per_device_batch * pairs
     return [training_needs(
         kind, shape, workers=cfg.scaling.num_workers, gpu=cfg.scaling.use_gpu,
         cpus_per_worker=cfg.scaling.cpus_per_worker, zero_stage=cfg.zero_stage if cfg.scaling.use_gpu else 0,
-        micro_batch=batch, seq_len=cfg.max_length or shape.context, activation_checkpointing=False,
+        batch=cfg.per_device_batch, sequences_per_example=2 if kind in ("dpo", "reward") else 1,
+        seq_len=cfg.max_length or shape.context, activation_checkpointing=cfg.activation_checkpointing,
         offload_optimizer=cfg.offload_optimizer, frozen_copies=frozen, trainable=not cfg.lora.enabled,
-        role="TRL worker" + (" (LoRA)" if cfg.lora.enabled else ""),
+        batch_key="per_device_batch", role="TRL worker" + (" (LoRA)" if cfg.lora.enabled else ""),
     )]
 
 

@@ -157,7 +157,7 @@ def memory_needs(recipe, cfg: PretrainConfig) -> list:
     shape = model_shape_for(recipe, "pretrain")
     return [training_needs(
         "pretrain", shape, workers=cfg.scaling.num_workers, gpu=cfg.scaling.use_gpu,
-        cpus_per_worker=cfg.scaling.cpus_per_worker, zero_stage=cfg.zero_stage, micro_batch=cfg.micro_batch,
+        cpus_per_worker=cfg.scaling.cpus_per_worker, zero_stage=cfg.zero_stage, batch=cfg.micro_batch,
         seq_len=recipe.stage_config("tokenizer").seq_len, activation_checkpointing=cfg.activation_checkpointing,
         offload_optimizer=cfg.offload_optimizer,
     )]

@@ -40,8 +40,15 @@ def _recipe(runs: Path, run: str, **pretrain):
 
 @pytest.mark.slow
 def test_zero2_loss_goes_down_and_the_export_loads_and_generates(corpus_run):
-    manifest = run_stage(_recipe(corpus_run, "zero2"), "pretrain")
+    recipe = _recipe(corpus_run, "zero2")
+    manifest = run_stage(recipe, "pretrain")
     assert manifest.status == "finished" and manifest.metrics["step"] == 16
+    # The planner's per-worker figure is near the workers' measured peak RSS (bench/plan_bench.py
+    # holds it to 25% at larger sizes; here the runtime dominates).
+    from cluster.plan import recipe_needs
+
+    estimate = recipe_needs(recipe, ["pretrain"])[0].ram_bytes / 2**20
+    assert 0.6 < estimate / manifest.metrics["peak_rss_mb"] < 1.5, (estimate, manifest.metrics["peak_rss_mb"])
     history = read_history(corpus_run / "zero2/pretrain/metrics.jsonl")
     assert [h["step"] for h in history] == list(range(1, 17))
     assert history[-1]["loss"] < history[0]["loss"] - 0.5
