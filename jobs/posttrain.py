@@ -161,7 +161,8 @@ def run(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> StageResult:
         trl_train_loop,
         train_loop_config={"kind": kind, "config": cfg.model_dump(), "paths": paths},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                     placement_strategy=cfg.scaling.placement_strategy),
         run_config=RunConfig(
             name=kind, storage_path=ctx.checkpoint_storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from cluster.config import StrictModel
+from jobs.pretrain_config import ScalingConfig
 
 
 class LoraConfig(StrictModel):
@@ -19,18 +20,11 @@ class LoraConfig(StrictModel):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class PostScaling(StrictModel):
-    num_workers: int = Field(default=2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    threads_per_worker: int = Field(default=1, ge=1)
-
-
 class PostTrainConfig(StrictModel):
     """What every post-training stage shares; `base` is the stage whose exported model it starts from."""
 
     base: str = "pretrain"
-    scaling: PostScaling = PostScaling()
+    scaling: ScalingConfig = ScalingConfig()  # the one scaling section, shared with pretrain
     lora: LoraConfig = LoraConfig()
     steps: int = Field(default=30, ge=1)
     per_device_batch: int = Field(default=4, ge=1)

@@ -123,7 +123,8 @@ def run(ctx: StageContext, cfg: PretrainConfig) -> StageResult:
         ray_train_loop,
         train_loop_config={"config": cfg.model_dump(), "plan": plan},
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+            num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),

@@ -18,6 +18,9 @@ class ScalingConfig(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     threads_per_worker: int = Field(default=1, ge=1, description="torch intra-op threads on CPU workers")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        default="PACK", description="Ray Train's worker placement: PACK fills a node first, SPREAD puts workers "
+                                    "on different nodes where it can")
 
 
 class PretrainConfig(StrictModel):
