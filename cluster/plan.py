@@ -202,7 +202,7 @@ def format_plan(needs: list[WorkerNeed], capacity: Capacity, problems: list[str]
 def plan_as_json(needs: list[WorkerNeed], capacity: Capacity, problems: list[str]) -> dict[str, Any]:
     return {
         "capacity": {"source": capacity.source, "nodes": [vars(n) for n in capacity.nodes]},
-        "needs": [{k: v for k, v in vars(n).items()} for n in needs],
+        "needs": [vars(n) for n in needs],
         "problems": problems,
     }
 

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-GiB = 2**30
+from cluster.plan import GiB
 
 # A worker process before its model exists: Python, torch, transformers, DeepSpeed, Ray's
 # worker runtime and the data iterator (RSS measured in Ray Train workers on CPU).
