@@ -74,7 +74,8 @@ def test_the_pipeline_refuses_before_any_stage_starts(tmp_path: Path):
         "pretrain": {"model": {"preset": "7b"}, "micro_batch": 64, "global_batch": 128, "zero_stage": 0},
     }))
     out = aero("pipeline", str(recipe), "--no-serve", timeout=120)
-    assert out.returncode == 2 and out.stderr.startswith("error: pre-flight: pretrain needs ~"), out.stderr
+    error = out.stderr.strip().splitlines()[-1]  # a line before it may say which Ray cluster was joined
+    assert out.returncode == 2 and error.startswith("error: pre-flight: pretrain needs ~"), out.stderr
     assert "RAM per worker x 2" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "runs" / "big" / "data").exists()  # nothing ran
 
