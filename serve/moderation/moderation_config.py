@@ -1,13 +1,18 @@
-"""The `serve.moderation` section: what is screened, the policy per category and direction,
-thresholds, the classifier and optional guard model, and the moderation deployment's limits."""
+"""The `serve.moderation` section: what is screened, the policy per category, direction and
+chat role (the shipped `policy.yaml`, a deployer's policy file over it, the recipe's inline
+overrides over both), thresholds, the classifier and optional guard model, and the moderation
+deployment's limits."""
 
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 
-from pydantic import Field, field_validator
+import yaml
+from pydantic import Field, PrivateAttr, ValidationError, field_serializer, field_validator, model_validator
 
 from cluster.config import StrictModel
+from cluster.errors import UserError
 from serve.deployment_config import Autoscaling, DeploymentLimits
 
 # OpenAI's moderation categories (omni-moderation), then ours.
@@ -42,14 +47,71 @@ class CategoryPolicy(StrictModel):
                                                 "operating point; 0.5 for pii and secrets, which only rules score)")
 
 
-def default_policy(category: str) -> CategoryPolicy:
-    """No threshold for a learned category: a fixed 0.5 would flag, below the operating point the
-    `moderation` stage calibrated, texts that P(not benign) lets through."""
-    if category in _REDACTABLE:
-        return CategoryPolicy(input=Action.redact, output=Action.redact, threshold=0.5)
-    if category == "prompt_injection":  # a model that repeats an injection is not itself harmful
-        return CategoryPolicy(input=Action.block, output=Action.log)
-    return CategoryPolicy(input=Action.block, output=Action.block)
+class RolePolicy(StrictModel):
+    """How a chat message of one role is screened; unset fields keep the layer below."""
+
+    screen: list[str] | None = Field(default=None, description="categories screened (default: all)")
+    thresholds: dict[str, float] = Field(default_factory=dict,
+                                         description="per-category thresholds in this role (1.0: rule hits only)")
+    ignore_rules: list[str] = Field(default_factory=list, description="rule kinds that do not count in this role")
+
+    @model_validator(mode="after")
+    def _known(self) -> "RolePolicy":
+        from serve.moderation.rules import RULE_KINDS
+
+        for cat in [*(self.screen or []), *self.thresholds]:
+            if cat not in CATEGORIES:
+                raise ValueError(f"unknown moderation category {cat!r} (known: {', '.join(CATEGORIES)})")
+        for cat, t in self.thresholds.items():
+            if not 0 < t <= 1:
+                raise ValueError(f"threshold of {cat} is {t}; it must be in (0, 1]")
+        unknown = [k for k in self.ignore_rules if k not in RULE_KINDS]
+        if unknown:
+            raise ValueError(f"unknown rule kinds {unknown} (known: {', '.join(RULE_KINDS)})")
+        return self
+
+
+def _check_categories(v: dict[str, CategoryPolicy]) -> dict[str, CategoryPolicy]:
+    for cat, p in v.items():
+        if cat not in CATEGORIES:
+            raise ValueError(f"unknown moderation category {cat!r} (known: {', '.join(CATEGORIES)})")
+        if Action.redact in (p.input, p.output) and cat not in _REDACTABLE:
+            raise ValueError(f"{cat}: only {sorted(_REDACTABLE)} can be redacted (they have spans); use block or log")
+    return v
+
+
+class PolicyFile(StrictModel):
+    """A policy file: per-category actions and thresholds, per-role screening."""
+
+    categories: dict[str, CategoryPolicy] = Field(default_factory=dict)
+    roles: dict[str, RolePolicy] = Field(default_factory=dict)
+
+    @field_validator("categories")
+    @classmethod
+    def known_categories(cls, v: dict[str, CategoryPolicy]) -> dict[str, CategoryPolicy]:
+        return _check_categories(v)
+
+
+SHIPPED_POLICY = Path(__file__).with_name("policy.yaml")
+
+
+def read_policy(path: str | Path) -> PolicyFile:
+    """A policy file, or a UserError naming the file and what is wrong."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"moderation policy file {path} does not exist")
+    try:
+        return PolicyFile.model_validate(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as exc:
+        raise UserError(f"moderation policy file {path} is not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise UserError(f"moderation policy file {path}: {where}") from None
+
+
+def _over(base: StrictModel, top: StrictModel | None) -> StrictModel:
+    """`base` with the fields `top` sets."""
+    return base if top is None else base.model_copy(update=top.model_dump(exclude_unset=True))
 
 
 class ModerationConfig(StrictModel):
@@ -60,7 +122,12 @@ class ModerationConfig(StrictModel):
         default=None, gt=0, le=1, description="a text whose probability of being harmful (1 - P(benign)) reaches "
                                               "this is flagged in its most likely category (default: the operating "
                                               "point the `moderation` stage chose by cross-validation)")
-    policy: dict[str, CategoryPolicy] = Field(default_factory=dict, description="per-category overrides")
+    policy_file: str | None = Field(default=None, description="a policy file laid over the shipped "
+                                                               "serve/moderation/policy.yaml (same shape)")
+    policy: dict[str, CategoryPolicy] = Field(default_factory=dict, description="per-category overrides, over "
+                                                                                "the policy files")
+    roles: dict[str, RolePolicy] = Field(default_factory=dict, description="per-role overrides (system, developer, "
+                                                                           "user, ...), over the policy files")
     refusal_message: str | None = Field(
         default=None, description="when set, a blocked input is answered with this text (finish_reason "
                                   "content_filter) instead of a 400 error")
@@ -74,21 +141,34 @@ class ModerationConfig(StrictModel):
         max_ongoing_requests=64, max_queued_requests=128, num_cpus=0.5,
         autoscaling=Autoscaling(min_replicas=1, max_replicas=2, target_ongoing_requests=16)))
 
+    _layers: list[PolicyFile] = PrivateAttr(default_factory=list)
+
     @field_validator("policy")
     @classmethod
-    def _known(cls, v: dict[str, CategoryPolicy]) -> dict[str, CategoryPolicy]:
-        for cat, p in v.items():
-            if cat not in CATEGORIES:
-                raise ValueError(f"unknown moderation category {cat!r} (known: {', '.join(CATEGORIES)})")
-            if Action.redact in (p.input, p.output) and cat not in _REDACTABLE:
-                raise ValueError(f"{cat}: only {sorted(_REDACTABLE)} can be redacted (they have spans); "
-                                 f"use block or log")
-        return v
+    def known_categories(cls, v: dict[str, CategoryPolicy]) -> dict[str, CategoryPolicy]:
+        return _check_categories(v)
+
+    @field_serializer("policy", "roles")
+    def overrides_only(self, v: dict[str, StrictModel]) -> dict[str, dict]:
+        """Only what an override sets, so a dumped and reloaded config lays the same overrides."""
+        return {k: p.model_dump(mode="json", exclude_unset=True) for k, p in v.items()}
+
+    @model_validator(mode="after")
+    def _read_policy_files(self) -> "ModerationConfig":
+        self._layers = [read_policy(SHIPPED_POLICY)] + ([read_policy(self.policy_file)] if self.policy_file else [])
+        self._layers.append(PolicyFile.model_construct(categories=self.policy, roles=self.roles))
+        return self
 
     def rule(self, category: str) -> CategoryPolicy:
-        """The effective policy of one category: the default with the recipe's overrides."""
-        base = default_policy(category)
-        over = self.policy.get(category)
-        if over is None:
-            return base
-        return base.model_copy(update={k: v for k, v in over.model_dump().items() if v is not None})
+        """The effective policy of one category: block in and out, with the layers' overrides."""
+        out = CategoryPolicy(input=Action.block, output=Action.block)
+        for layer in self._layers:
+            out = _over(out, layer.categories.get(category))
+        return out
+
+    def role(self, role: str | None) -> RolePolicy:
+        """How a message of `role` is screened (a role no layer names, or none: every category)."""
+        out = RolePolicy()
+        for layer in self._layers:
+            out = _over(out, layer.roles.get(role)) if role else out
+        return out

@@ -34,12 +34,13 @@ class Verdict:
     actions: dict[str, str] = field(default_factory=dict)  # flagged category -> its policy's action
     text: str | None = None          # the redacted text when action == redact
     kinds: dict[str, int] = field(default_factory=dict)  # rule hits by kind (never the matched text)
+    # why each flagged category was flagged: {category, score, threshold, by: score | harmful | rules | guard};
+    # `harmful` = P(not benign) reached the operating point and this was the likeliest category
+    reasons: list[dict] = field(default_factory=list)
+    margin: dict = field(default_factory=dict)  # the screened category closest to its threshold: {category, score, threshold}
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-INSTRUCTION_ROLES = ("system", "developer")
 
 
 class Moderator:
@@ -60,60 +61,72 @@ class Moderator:
         """[n, LEARNED] classifier scores plus P(harmful) in the last column; repeats (chat
         history resent every turn) come from a small LRU cache."""
         keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        found = {k: self._cache[k] for k in keys if k in self._cache}
+        todo = [i for i, k in enumerate(keys) if k not in found]
         cleaned = {i: strip_invisible(texts[i]) for i in todo}
         for i in [i for i in todo if sum(ch.isalnum() for ch in cleaned[i]) < _MIN_ALNUM]:
-            self._cache[keys[i]] = np.zeros(len(LEARNED) + 1, dtype=np.float32)  # no words: nothing to classify
-        todo = [i for i in todo if keys[i] not in self._cache]
+            found[keys[i]] = np.zeros(len(LEARNED) + 1, dtype=np.float32)  # no words: nothing to classify
+        todo = [i for i in todo if keys[i] not in found]
         if todo:
-            cleaned = [cleaned[i] for i in todo]
-            scores, harmful = self.classifier.predict(cleaned)
+            scores, harmful = self.classifier.predict([cleaned[i] for i in todo])
             for j, i in enumerate(todo):
-                self._cache[keys[i]] = np.append(scores[j], harmful[j])
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        for k in keys:
+                found[keys[i]] = np.append(scores[j], harmful[j])
+        for k in keys:  # a batch larger than the cache is answered whole; the cache keeps its last texts
+            self._cache[k] = found[k]
             self._cache.move_to_end(k)
-        return np.stack([self._cache[k] for k in keys]) if keys else np.zeros((0, len(LEARNED) + 1))
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return np.stack([found[k] for k in keys]) if keys else np.zeros((0, len(LEARNED) + 1))
 
     def screen(self, texts: list[str], direction: Direction, classified: np.ndarray | None = None,
                roles: list[str] | None = None) -> list[Verdict]:
-        """A verdict per text. `roles` (chat messages' roles) exempt system/developer messages from
-        `prompt_injection`: giving the model instructions is what those messages are for."""
+        """A verdict per text. `roles` (chat messages' roles) pick each text's role policy (which
+        categories are screened, at which thresholds, ignoring which rules); none: every category."""
         classified = self.classify(texts) if classified is None else classified
         roles = roles or [None] * len(texts)
         return [self._verdict(t, row, direction, role) for t, row, role in zip(texts, classified, roles)]
 
-    def limit(self, category: str) -> float:
-        """The score at which `category` is flagged: the policy's, else the operating point."""
-        threshold = self.cfg.rule(category).threshold
+    def limit(self, category: str, role: str | None = None) -> float:
+        """The score at which `category` is flagged: the role's, else the category policy's, else
+        the operating point."""
+        threshold = self.cfg.role(role).thresholds.get(category, self.cfg.rule(category).threshold)
         return self.threshold if threshold is None else threshold
 
     def _verdict(self, text: str, row: np.ndarray, direction: Direction, role: str | None = None) -> Verdict:
+        policy = self.cfg.role(role)
+        screened = set(CATEGORIES if policy.screen is None else policy.screen)
         scores = {c: 0.0 for c in CATEGORIES}
+        by = {c: "score" for c in CATEGORIES}
         for c, s in zip(LEARNED, row[:-1]):
             scores[c] = float(s)
-        found = screen_rules(text)
+        found = screen_rules(text, ignore=policy.ignore_rules)
         for c, s in found.scores.items():
-            scores[c] = max(scores[c], s)
+            scores[c], by[c] = max(scores[c], s), "rules"
         if self.guard is not None:
             for c in self.guard.categories(text, direction):
-                scores[c] = 1.0
-                if c in PARENT:
-                    scores[PARENT[c]] = 1.0
-        flagged = {c: scores[c] >= self.limit(c) for c in CATEGORIES}
-        if row[-1] >= self.threshold:  # harmful overall: its most likely category
-            top = max(LEARNED, key=lambda c: (scores[c], "/" not in c))
-            flagged[top] = True
-            if top in PARENT:
-                flagged[PARENT[top]] = True
-        if role in INSTRUCTION_ROLES:
-            flagged["prompt_injection"] = False
+                for hit in {c, PARENT.get(c, c)}:
+                    scores[hit], by[hit] = 1.0, "guard"
+        limits = {c: self.limit(c, role) for c in CATEGORIES}
+        flagged = {c: c in screened and scores[c] >= limits[c] for c in CATEGORIES}
+        reasons = [{"category": c, "score": round(scores[c], 4), "threshold": limits[c], "by": by[c]}
+                   for c in CATEGORIES if flagged[c]]
+        # Harmful overall: its likeliest category, unless a layer of the policy set that category's own threshold.
+        own = {c for c in CATEGORIES if c in policy.thresholds or self.cfg.rule(c).threshold is not None}
+        candidates = [c for c in LEARNED if c in screened and c not in own]
+        if row[-1] >= self.threshold and candidates:
+            top = max(candidates, key=lambda c: (scores[c], "/" not in c))
+            for c in {top, PARENT.get(top, top)} & set(candidates):
+                if not flagged[c]:
+                    flagged[c] = True
+                    reasons.append({"category": c, "score": round(float(row[-1]), 4), "threshold": self.threshold,
+                                    "by": "harmful"})
         actions = {c: getattr(self.cfg.rule(c), direction).value for c, f in flagged.items() if f}
         action = max(actions.values(), key=_RANK.__getitem__, default="allow")
+        near = max(screened & set(LEARNED), key=lambda c: scores[c] - limits[c], default=None)
         verdict = Verdict(flagged=bool(actions), categories=flagged, scores={c: round(s, 4) for c, s in scores.items()},
-                          action=action, actions=actions,
-                          kinds=dict(found.kinds))
+                          action=action, actions=actions, kinds=dict(found.kinds), reasons=reasons,
+                          margin={"category": near, "score": round(scores[near], 4), "threshold": limits[near]}
+                          if near else {})
         if action == Action.redact.value:
             verdict.text = redact(text, pii=actions.get("pii") == "redact", secrets=actions.get("secrets") == "redact")
         return verdict

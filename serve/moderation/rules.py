@@ -40,6 +40,8 @@ _INJECTION = [
         r"\b(?:bỏ\s+qua|phớt\s+lờ|quên)\s+(?:đi\s+)?(?:tất\s+cả\s+|mọi\s+)?(?:các\s+|những\s+)?"
         r"(?:hướng\s+dẫn|chỉ\s+dẫn|quy\s+tắc|lệnh)", re.I)),
 ]
+INJECTION_KINDS = tuple(kind for kind, _ in _INJECTION) + ("bidi_or_tag_unicode", "zero_width_unicode")
+RULE_KINDS = INJECTION_KINDS  # the kinds a role's policy may ignore (PII and secrets are redacted, not ignored)
 # Bidi embeddings/overrides/isolates (Trojan Source), Unicode tag characters (ASCII smuggling).
 _BIDI_OR_TAG = re.compile("[\u202a-\u202e\u2066-\u2069\U000e0000-\U000e007f]")
 # Zero-width characters; ZWJ/ZWNJ are left out (emoji sequences, Persian and Indic scripts).
@@ -52,23 +54,25 @@ class RuleFindings:
     kinds: Counter = field(default_factory=Counter)          # which rules, how many hits (no matched text)
 
 
-def screen_rules(text: str) -> RuleFindings:
+def screen_rules(text: str, ignore: tuple[str, ...] | list[str] = ()) -> RuleFindings:
+    """Rule hits in `text`; kinds in `ignore` (a role's policy) are neither counted nor scored."""
     found = RuleFindings()
     _, counts = scrub_pii(text, PiiConfig(keep_private_ips=True))
     for kind, n in counts.items():
         found.kinds[kind] += n
         found.scores["secrets" if kind == "secret" else "pii"] = 1.0
     for kind, pattern in _INJECTION:
+        if kind in ignore:
+            continue
         n = len(pattern.findall(text))
         if n:
             found.kinds[kind] += n
-    if _BIDI_OR_TAG.search(text):
+    if _BIDI_OR_TAG.search(text) and "bidi_or_tag_unicode" not in ignore:
         found.kinds["bidi_or_tag_unicode"] += len(_BIDI_OR_TAG.findall(text))
     zero_width = len(_ZERO_WIDTH.findall(text.lstrip("\ufeff")))
-    if zero_width >= 3:  # one stray ZWSP is common in pasted text; several hide words from filters
+    if zero_width >= 3 and "zero_width_unicode" not in ignore:  # one stray ZWSP is common in pasted text; several hide words from filters
         found.kinds["zero_width_unicode"] += zero_width
-    if any(k in found.kinds for k in ("bidi_or_tag_unicode", "zero_width_unicode")) or \
-            any(k in found.kinds for k, _ in _INJECTION):
+    if any(k in found.kinds for k in INJECTION_KINDS):
         found.scores["prompt_injection"] = 1.0
     return found
 

@@ -34,9 +34,38 @@ class ModerationStageConfig(StrictModel):
     seed: int = 0
     calibration: float = Field(default=0.2, gt=0, lt=0.5, description="share of the training part set aside to "
                                                                        "pick the operating point")
-    target_fpr: float = Field(default=0.05, gt=0, lt=1,
+    target_fpr: float = Field(default=0.03, gt=0, lt=1,
                               description="the operating point: false-positive rate on the calibration part's "
-                                          "benign examples")
+                                          "benign labeled examples (look-alikes of harmful text)")
+    real_text: bool = Field(default=True, description="train against, calibrate on and evaluate on the shipped benign "
+                                                      "real-text set (real_text.jsonl: package descriptions, man pages, "
+                                                      "Python docs, Vietnamese UI strings)")
+    personas: bool = Field(default=True, description="the same for the shipped persona and system prompts "
+                                                     "(personas.jsonl)")
+    real_heldout: float = Field(default=0.7, gt=0, lt=1, description="share of each real-text source (and of the "
+                                                                     "personas) never trained or calibrated on")
+    real_max: int | None = Field(default=None, ge=50, description="use at most this many real texts (by hash; "
+                                                                   "for quick runs)")
+    target_fpr_real: float = Field(default=0.01, gt=0, lt=1, description="the operating point's FPR bound on the "
+                                                                         "calibration part's real texts")
+    target_fpr_personas: float = Field(default=0.03, gt=0, lt=1, description="... and on its persona prompts")
+
+
+def benign_sets(cfg: ModerationStageConfig) -> tuple[list, dict[str, list[dict]]]:
+    """(benign Examples to train and calibrate on, {"real": rows, "personas": rows} held out):
+    every source of the real-text set and the personas split by text hash."""
+    from serve.moderation.classifier import Example
+    from serve.moderation.real_text import PERSONAS, REAL_TEXT, load_real, split_heldout
+
+    train, heldout = [], {}
+    for name, path, on in (("real", REAL_TEXT, cfg.real_text), ("personas", PERSONAS, cfg.personas)):
+        if not on:
+            continue
+        rows = load_real(path, limit=cfg.real_max if name == "real" else None)
+        fit, held = split_heldout(rows, cfg.real_heldout)
+        train += [Example(r["text"], (), r.get("lang", "en"), name) for r in fit]
+        heldout[name] = held
+    return train, heldout
 
 
 def labeled_files(cfg: ModerationStageConfig) -> list[Path]:
@@ -81,10 +110,25 @@ def evaluate(moderator, heldout) -> dict:
             "false_positives": [e.text for e, f in zip(heldout, any_flag) if not e.labels and f]}
 
 
+def evaluate_benign(moderator, rows: list[dict], by_role: bool) -> dict:
+    """False-positive rates on held-out benign rows, per source (screened as user messages, or
+    with their own `role` when `by_role`), and the flagged texts with what flagged them."""
+    roles = [r.get("role", "user") if by_role else "user" for r in rows]
+    verdicts = moderator.screen([r["text"] for r in rows], "input", roles=roles)
+    flagged = np.array([v.flagged for v in verdicts])
+    sources = np.array([r["source"] for r in rows]) if rows else np.array([])
+    return {"n": len(rows), "fpr": round(float(flagged.mean()), 4) if rows else None,
+            "per_source": {s: {"n": int((sources == s).sum()), "fpr": round(float(flagged[sources == s].mean()), 4)}
+                           for s in sorted(set(sources))},
+            "false_positives": [{"text": r["text"], "role": role, "reasons": v.reasons}
+                                for r, role, v in zip(rows, roles, verdicts) if v.flagged]}
+
+
 def table(ev: dict) -> str:
+    cal = ev["calibration"]
     lines = [f"Trained on {ev['train']} examples; operating point P(not benign) >= {ev['threshold']} (chosen by "
-             f"the calibration part ({ev['calibration']['examples']} training examples set aside) for FPR <= "
-             f"{ev['calibration']['target_fpr']}: recall {ev['calibration']['recall']}, FPR {ev['calibration']['fpr']}).", "",
+             f"the calibration part ({cal['examples']} training examples set aside) for FPR per source <= "
+             f"{cal['target_fpr']}: recall {cal['recall']}, FPR {cal['fpr']}).", "",
              f"Held-out: {ev['harmful']} harmful, {ev['benign']} benign. **Recall on harmful {ev['recall_harmful']}**, "
              f"**false-positive rate on benign {ev['fpr_benign']}**, latency p50 {ev['latency_ms']['p50']} ms / "
              f"p95 {ev['latency_ms']['p95']} ms per request.", "",
@@ -94,6 +138,14 @@ def table(ev: dict) -> str:
     lines += ["", "| language | harmful | benign | recall | FPR |", "|---|---|---|---|---|"]
     for lang, m in ev["per_language"].items():
         lines.append(f"| {lang} | {m['harmful']} | {m['benign']} | {m['recall']} | {m['fpr']} |")
+    benign = [(name, ev[key]) for name, key in (("real text", "real"), ("personas, with their roles", "personas"),
+                                                 ("personas, all as user messages", "personas_as_user")) if key in ev]
+    if benign:
+        lines += ["", "Benign text never trained or calibrated on:", "",
+                  "| set | source | n | FPR |", "|---|---|---|---|"]
+        for name, b in benign:
+            lines.append(f"| {name} | all | {b['n']} | **{b['fpr']}** |")
+            lines += [f"| | {src} | {m['n']} | {m['fpr']} |" for src, m in b["per_source"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -101,8 +153,9 @@ def fit_classifier(cfg: ModerationStageConfig, examples):
     """The classifier trained on `examples` with the stage's settings."""
     from serve.moderation.classifier import train
 
+    targets = {"labeled": cfg.target_fpr, "real": cfg.target_fpr_real, "personas": cfg.target_fpr_personas}
     return train(examples, epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr, batch_size=cfg.batch_size,
-                 target_fpr=cfg.target_fpr, calibration=cfg.calibration, seed=cfg.seed)
+                 target_fpr=targets, calibration=cfg.calibration, seed=cfg.seed)
 
 
 def train_and_evaluate(cfg: ModerationStageConfig, out: Path) -> dict:
@@ -112,12 +165,18 @@ def train_and_evaluate(cfg: ModerationStageConfig, out: Path) -> dict:
 
     examples = [e for path in labeled_files(cfg) for e in load_labeled(path)]
     train_set, heldout = split(examples, cfg.heldout_every, cfg.heldout_salt)
-    classifier = fit_classifier(cfg, train_set)
+    benign_train, benign_heldout = benign_sets(cfg)
+    classifier = fit_classifier(cfg, train_set + benign_train)
     classifier.save(out / "classifier")
     moderator = Moderator(ModerationConfig(), str(out / "classifier"), classifier=classifier)
     ev = {"train": classifier.meta["train_examples"], "threshold": moderator.threshold,
           "calibration": classifier.meta["calibration"],
           **evaluate(moderator, heldout)}
+    if "real" in benign_heldout:
+        ev["real"] = evaluate_benign(moderator, benign_heldout["real"], by_role=False)
+    if "personas" in benign_heldout:
+        ev["personas"] = evaluate_benign(moderator, benign_heldout["personas"], by_role=True)
+        ev["personas_as_user"] = evaluate_benign(moderator, benign_heldout["personas"], by_role=False)
     atomic_write_text(out / "eval.json", json.dumps(ev, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out / "eval.md", table(ev))
     return ev
@@ -128,14 +187,17 @@ def run(ctx: StageContext, cfg: ModerationStageConfig) -> StageResult:
     print(table(ev))
     return StageResult(outputs={"classifier": ctx.stage_dir / "classifier", "eval": ctx.stage_dir / "eval.json"},
                        metrics={"recall_harmful": ev["recall_harmful"], "fpr_benign": ev["fpr_benign"],
+                                **{f"fpr_{k}": ev[k]["fpr"] for k in ("real", "personas") if k in ev},
                                 "latency_p95_ms": ev["latency_ms"]["p95"]})
 
 
 def _inputs(_ctx: StageContext, cfg: ModerationStageConfig) -> dict[str, str]:
     from cluster.errors import UserError
 
+    from serve.moderation.real_text import PERSONAS, REAL_TEXT
+
     out = {}
-    for path in labeled_files(cfg):
+    for path in labeled_files(cfg) + [p for p, on in ((REAL_TEXT, cfg.real_text), (PERSONAS, cfg.personas)) if on]:
         if not path.is_file():
             raise UserError(f"moderation.labeled: {path} does not exist")
         out[str(path)] = sha256_file(path)
