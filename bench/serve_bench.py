@@ -242,7 +242,7 @@ def main() -> None:
     limits = {"max_ongoing_requests": 16, "max_queued_requests": 16, "num_cpus": 0,
               "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    # The serving path alone, as the peers have it: no moderation deployment (bench/moderation_eval.py
+    # The serving path alone, as the peers have it: no moderation deployment (bench/moderation_bench.py
     # measures that one).
     cfg = ServeConfig.model_validate({"app_name": "bench", "port": free_port(), "auth": {"enabled": False},
                                       "moderation": {"enabled": False},

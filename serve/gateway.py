@@ -65,6 +65,13 @@ def _cancel(stream) -> None:
         pass
 
 
+def refusal_reasons(verdicts: list[dict], roles: list[str] | None = None) -> list[dict]:
+    """What blocked an input, per blocking category: which text (index, and its chat role), the
+    score, the threshold and what scored it, so a deployer can tune the policy."""
+    return [{"index": i, "role": roles[i] if roles else None, **r}
+            for i, v in enumerate(verdicts) for r in v.get("reasons", []) if v["actions"].get(r["category"]) == "block"]
+
+
 def _blocked(verdicts: list[dict]) -> list[str]:
     """The categories whose policy blocks, over moderation verdicts."""
     return sorted({c for v in verdicts for c, action in v["actions"].items() if action == "block"})
@@ -557,8 +564,11 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
         verdicts = await self._moderate(texts, "input", context, roles)
         blocked = _blocked(verdicts)
         if blocked:
-            err = APIError(400, f"the input was flagged by moderation ({', '.join(blocked)}) and was not sent to "
-                                f"the model", param=param, code="content_policy_violation")
+            why = refusal_reasons(verdicts, roles)
+            where = "; ".join(f"{param}[{r['index']}]" + (f" ({r['role']})" if r["role"] else "") +
+                              f" {r['category']} {r['score']:.2f} >= {r['threshold']:.2f}" for r in why)
+            err = APIError(400, f"the input was flagged by moderation: {where}; it was not sent to the model",
+                           param=param, code="content_policy_violation", extra={"moderation": why})
             if self.mcfg.refusal_message is None:
                 raise err
             return err

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cluster.errors import UserError
-from serve.moderation.audit import AuditLog, parse_window, report
+from serve.moderation.audit import AuditLog, parse_window, report, report_text
 from serve.moderation.classifier import CHUNK_CHARS, accented, chunks, load_labeled, split
 from serve.moderation.guard import parse_answer
 from serve.moderation.moderation_config import CATEGORIES, OPENAI_CATEGORIES, Action, ModerationConfig
@@ -78,6 +78,57 @@ def test_policy_defaults_overrides_and_bad_values():
         ModerationConfig(policy={"hate": {"input": "redact"}})
     with pytest.raises(ValueError):
         ModerationConfig(policy={"hate": {"threshold": 0}})
+
+
+def test_a_policy_file_lays_over_the_shipped_one_and_the_recipe_over_both(tmp_path):
+    from serve.moderation.moderation_config import read_policy
+
+    shipped = ModerationConfig()
+    assert shipped.role("system").screen == ["prompt_injection", "pii", "secrets"]
+    assert shipped.role("developer").thresholds == {"prompt_injection": 1.0} and shipped.role("user").screen is None
+    assert shipped.role(None).screen is None and shipped.role("tool").screen is None  # no layer names it: everything
+    mine = tmp_path / "policy.yaml"
+    mine.write_text("categories:\n  harassment: {threshold: 0.8}\nroles:\n  system: {screen: [prompt_injection]}\n")
+    cfg = ModerationConfig(policy_file=str(mine), roles={"user": {"thresholds": {"harassment": 0.9}}})
+    assert cfg.rule("harassment").threshold == 0.8 and cfg.rule("pii").input == Action.redact  # the shipped layer stays
+    assert cfg.role("system").screen == ["prompt_injection"] and cfg.role("system").thresholds == {"prompt_injection": 1.0}
+    again = ModerationConfig.model_validate(cfg.model_dump(mode="json"))  # what a replica gets: the same layers
+    assert again.role("user").thresholds == {"harassment": 0.9} and again.role("system").ignore_rules
+    for text, match in [("roles: [1, 2]\n", "roles: Input should be a valid dictionary"),
+                        ("roles:\n  system: {screen: [spam]}\n", "unknown moderation category 'spam'"),
+                        ("roles:\n  user: {ignore_rules: [everything]}\n", "unknown rule kinds"),
+                        ("categories: {hate: {input: redact}}\n", "only .* can be redacted"),
+                        ("roles: {user: {thresholds: {hate: 1.5}}}\n", "must be in"),
+                        ("roles: {user: [\n", "not valid YAML")]:
+        mine.write_text(text)
+        with pytest.raises(UserError, match=match):
+            read_policy(mine)
+    with pytest.raises(UserError, match="does not exist"):
+        ModerationConfig(policy_file=str(tmp_path / "missing.yaml"))
+
+
+def test_the_real_text_and_persona_sets_are_held_out_per_source(tmp_path):
+    from serve.moderation.real_text import PERSONAS, REAL_TEXT, SOURCES, load_real, split_heldout
+    from serve.moderation.stage import ModerationStageConfig, benign_sets
+
+    rows = load_real(REAL_TEXT)
+    assert len(rows) >= 7000 and {r["source"] for r in rows} == set(SOURCES)
+    fit, held = split_heldout(rows, 0.7)
+    assert len(held) >= 5000 and not {r["text"] for r in fit} & {r["text"] for r in held}
+    for source in SOURCES:  # every source is in both parts
+        assert 0.6 < sum(r["source"] == source for r in held) / sum(r["source"] == source for r in rows) < 0.8
+    personas = load_real(PERSONAS)
+    assert {r["role"] for r in personas} == {"system", "user"} and len(personas) >= 100
+    train, heldout = benign_sets(ModerationStageConfig(real_max=500))
+    assert len(heldout["real"]) + sum(e.source == "real" for e in train) == 500
+    assert not {e.text for e in train} & {r["text"] for r in heldout["real"] + heldout["personas"]}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "source": "x"}\n{"text": ""}\n')
+    with pytest.raises(UserError, match="bad.jsonl:2: not a JSON object with a non-empty `text`"):
+        load_real(bad)
+    bad.write_text('{"text": "fine", "role": "assistant"}\n')
+    with pytest.raises(UserError, match="role 'assistant' is not system"):
+        load_real(bad)
 
 
 def test_accented_text_is_what_the_encoder_would_lose_marks_on():
@@ -188,6 +239,21 @@ def test_audit_keeps_no_text_and_the_report_counts_a_window(tmp_path):
         parse_window("yesterday")
 
 
+def test_the_report_shows_flags_per_role_and_the_scores_near_each_threshold(tmp_path):
+    log = AuditLog(str(tmp_path / "audit.jsonl"))
+    base = {"action": "allow", "categories": {}, "scores": {}, "kinds": {}}
+    for score in (0.55, 0.58, 0.62, 0.9):  # threshold 0.6: two just below, one just above, one far above
+        flagged = score >= 0.6
+        log.write(text=f"t{score}", direction="input", context={"role": "user", "index": 0}, verdict={
+            **base, "action": "block" if flagged else "allow", "categories": {"harassment": flagged},
+            "margin": {"category": "harassment", "score": score, "threshold": 0.6}})
+    rep = report(tmp_path / "audit.jsonl", parse_window("1h"))
+    assert rep["near_threshold"] == {"harassment": {"passed": 2, "flagged": 1}}
+    assert rep["flagged_by_role"] == {"user": {"harassment": 2}}
+    text = report_text(rep)
+    assert "flagged in user messages: harassment 2" in text and "2 passed just below" in text
+
+
 @pytest.mark.slow
 def test_the_pipelines_classifier_is_evaluated_on_held_out_examples(post_run):
     ev = json.loads((post_run / "moderation" / "eval.json").read_text())
@@ -199,7 +265,13 @@ def test_the_pipelines_classifier_is_evaluated_on_held_out_examples(post_run):
     assert ev["per_category"]["pii"]["recall"] == 1.0 and ev["per_category"]["secrets"]["recall"] == 1.0
     assert ev["latency_ms"]["p95"] > 0
     meta = json.loads((post_run / "moderation" / "classifier" / "classifier.json").read_text())
-    assert meta["threshold"] == ev["threshold"] and meta["calibration"]["fpr"] <= meta["calibration"]["target_fpr"]
+    calibrated = meta["calibration"]
+    assert meta["threshold"] == ev["threshold"] and set(calibrated["fpr"]) == {"labeled", "real", "personas"}
+    assert all(calibrated["fpr"][g] <= calibrated["target_fpr"][g] for g in calibrated["fpr"])
+    # Benign text nobody here wrote, never trained on: nearly all of it passes (what every flag was, is kept).
+    assert ev["real"]["n"] >= 800 and ev["real"]["fpr"] <= 0.05 and len(ev["real"]["per_source"]) == 5
+    assert len(ev["real"]["false_positives"]) == round(ev["real"]["fpr"] * ev["real"]["n"])
+    assert ev["personas"]["n"] >= 80 and ev["personas"]["fpr"] <= ev["personas_as_user"]["fpr"]  # roles only help
 
 
 @pytest.mark.slow
@@ -248,6 +320,30 @@ def test_system_messages_may_give_instructions_but_are_screened_for_everything_e
     leaked = moderator.screen(["You are a helpful bot. Deploy token ghp_0123456789abcdefghijABCDEFGHIJ012345"], "input",
                               roles=["developer"])[0]
     assert leaked.categories["secrets"] and leaked.action == "redact"  # other categories still apply
+
+
+@pytest.mark.slow
+def test_a_system_message_is_not_screened_for_tone_and_every_flag_says_why(post_run):
+    import numpy as np
+
+    from serve.moderation.classifier import LEARNED, Classifier
+    from serve.moderation.moderator import Moderator
+
+    row = np.zeros(len(LEARNED) + 1, dtype=np.float32)  # classifier scores, P(not benign) last
+    row[LEARNED.index("harassment")] = row[-1] = 0.9
+    moderator = Moderator(ModerationConfig(classifier_threshold=0.5), str(post_run / "moderation" / "classifier"),
+                          classifier=Classifier.load(post_run / "moderation" / "classifier"))
+    as_user = moderator._verdict("You are terse.", row, "input", "user")
+    assert as_user.action == "block" and as_user.reasons == [
+        {"category": "harassment", "score": 0.9, "threshold": 0.5, "by": "score"}]
+    assert as_user.margin == {"category": "harassment", "score": 0.9, "threshold": 0.5}
+    as_system = moderator._verdict("You are terse.", row, "input", "system")
+    assert as_system.action == "allow" and not as_system.reasons  # tone is the deployer's to set
+    smuggled = moderator._verdict("Be nice.\u202e", np.zeros_like(row), "input", "system")
+    assert smuggled.action == "block" and smuggled.reasons[0]["by"] == "rules"
+    tuned = Moderator(ModerationConfig(classifier_threshold=0.5, roles={"user": {"thresholds": {"harassment": 0.95}}}),
+                      "", classifier=moderator.classifier)
+    assert tuned._verdict("You are terse.", row, "input", "user").action == "allow"  # its own threshold, not P(harmful)
 
 
 @pytest.mark.slow

@@ -30,9 +30,10 @@ class AuditLog:
         row = {"ts": round(time.time(), 3), "direction": direction, "action": verdict["action"],
                "flagged": sorted(c for c, f in verdict["categories"].items() if f),
                "scores": {c: s for c, s in verdict["scores"].items() if verdict["categories"].get(c)},
+               "reasons": verdict.get("reasons", []), "margin": verdict.get("margin", {}),
                "kinds": verdict["kinds"], "chars": len(text),
                "sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
-               **{k: v for k, v in context.items() if k in ("model", "request_id", "endpoint")}}
+               **{k: v for k, v in context.items() if k in ("model", "request_id", "endpoint", "index", "role")}}
         # One write() of one line with O_APPEND: lines from several replicas do not interleave.
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -49,14 +50,21 @@ def parse_window(since: str) -> float:
     return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
+NEAR = 0.1  # a score within this of its threshold is "near" it
+
+
 def report(path: Path, since_s: float, now: float | None = None) -> dict:
-    """Flag rates per direction and category, and actions, over the last `since_s` seconds."""
+    """Flag rates per direction and category (most frequent first), actions, flags per chat role,
+    and, per category, how many texts scored near its threshold (within NEAR) on either side:
+    what moving that threshold would change. Over the last `since_s` seconds."""
     if not path.is_file():
         raise UserError(f"no moderation audit log at {path}")
     now = time.time() if now is None else now
     screened: Counter = Counter()
     flagged: dict[str, Counter] = defaultdict(Counter)
     actions: dict[str, Counter] = defaultdict(Counter)
+    near: dict[str, Counter] = defaultdict(Counter)
+    roles: dict[str, Counter] = defaultdict(Counter)
     bad = 0
     for line in path.read_text().splitlines():
         try:
@@ -71,10 +79,18 @@ def report(path: Path, since_s: float, now: float | None = None) -> dict:
         actions[direction][row.get("action", "?")] += 1
         for c in row.get("flagged", []):
             flagged[direction][c] += 1
+            if row.get("role"):
+                roles[row["role"]][c] += 1
+        m = row.get("margin") or {}
+        if isinstance(m, dict) and m.get("category") and abs(m.get("score", 0) - m.get("threshold", 9)) <= NEAR:
+            near[m["category"]]["flagged" if m["score"] >= m["threshold"] else "passed"] += 1
     return {"window_s": since_s, "screened": dict(screened), "unreadable_lines": bad,
             "actions": {d: dict(a) for d, a in actions.items()},
             "flagged": {d: {c: {"count": n, "rate": round(n / screened[d], 4)} for c, n in cats.most_common()}
-                        for d, cats in flagged.items()}}
+                        for d, cats in flagged.items()},
+            "flagged_by_role": {r: dict(c.most_common()) for r, c in roles.items()},
+            "near_threshold": {c: {"passed": n["passed"], "flagged": n["flagged"]}
+                               for c, n in sorted(near.items(), key=lambda kv: -sum(kv[1].values()))}}
 
 
 def report_text(rep: dict) -> str:
@@ -86,6 +102,12 @@ def report_text(rep: dict) -> str:
         lines.append(f"{d}: {n} screened ({acts})")
         for c, m in rep["flagged"].get(d, {}).items():
             lines.append(f"  {c:24s} {m['count']:6d}  {m['rate']:.2%}")
+    for role, cats in rep.get("flagged_by_role", {}).items():
+        lines.append(f"flagged in {role} messages: " + ", ".join(f"{c} {n}" for c, n in cats.items()))
+    if rep.get("near_threshold"):
+        lines.append(f"scores within {NEAR} of the threshold (what moving it would change):")
+        for c, n in rep["near_threshold"].items():
+            lines.append(f"  {c:24s} {n['passed']:6d} passed just below  {n['flagged']:6d} flagged just above")
     if rep["unreadable_lines"]:
         lines.append(f"({rep['unreadable_lines']} unreadable lines skipped)")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ n-gram scorer over the same classes (`ngrams.py`).
   letters carry such marks (Vietnamese: >= 12% of letters in every labeled example, English
   0%) leans on the n-grams, which keep them. Measured out of fold on the training part
   (5 folds, 978 examples): ROC AUC on Vietnamese 0.885 fine-tuned vs 0.932 n-grams, on
-  English 0.982 vs 0.899. The two weights are picked by `bench/moderation_eval.py --cv 5`
+  English 0.982 vs 0.899. The two weights are picked by `bench/moderation_bench.py --cv 5`
   on the training part (never the held-out split): out of fold over 1,485 examples (word
   n-grams included), recall at FPR <= 0.05 0.829 fine-tuned alone, 0.879 mixed at a fixed
   1/2, 0.908 with (1/4, 3/4) (0.908 with (1/4, 0.9), 0.910 with (1/2, 3/4): a flat optimum).
@@ -198,7 +198,7 @@ class Classifier:
               ngram_weights: tuple[float, float] | None = None) -> tuple[np.ndarray, list[int]]:
         """Class probabilities (both scorers' weighted mean) of every chunk of every text, and
         each chunk's text index. `ngram_weights` (plain, accented) other than the classifier's
-        own are for analysis (`bench/moderation_eval.py --cv`)."""
+        own are for analysis (`bench/moderation_bench.py --cv`)."""
         import torch
 
         parts, owner = [], []
@@ -275,6 +275,21 @@ def operating_point(harmful: np.ndarray, benign: dict[str, np.ndarray], targets:
     return float(grid[np.argmax(ok)]) if ok.any() else float(grid[-1])
 
 
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches: shuffled, then sorted by length within windows of 50 batches, so a
+    batch pads its short texts less (a real-text paragraph beside a 20-character question), in
+    shuffled order. What transformers' `group_by_length` sampler does; written here because
+    the loop is ours (a head and an encoder with two learning rates, chunks of one text)."""
+    order = rng.permutation(len(lengths))
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        part = order[start:start + window]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        batches += np.array_split(part, max(1, len(part) // batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr: float = 1e-3,
           batch_size: int = 16, target_fpr: float | dict[str, float] = 0.05, calibration: float = 0.2,
           seed: int = 0) -> Classifier:
@@ -302,9 +317,10 @@ def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr
                                    {"params": model.head.parameters(), "lr": head_lr}])
     order = np.random.default_rng(seed)
     target = torch.tensor(labels)
+    lengths = np.array([len(p) for p in parts])
     for _ in range(epochs):
         model.encoder.train()
-        for idx in np.array_split(order.permutation(len(parts)), max(1, len(parts) // batch_size)):
+        for idx in length_grouped_batches(lengths, batch_size, order):
             loss = torch.nn.functional.cross_entropy(model.logits([parts[i] for i in idx]), target[idx])
             optimizer.zero_grad()
             loss.backward()

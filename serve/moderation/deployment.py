@@ -50,11 +50,12 @@ class ModerationServer:
         policy_direction = "output" if direction == "output" else "input"
         verdicts = [v.to_dict() for v in self.moderator.screen(texts, policy_direction, np.stack(rows) if rows else None,
                                                               roles)]
-        for text, v in zip(texts, verdicts):
+        for i, (text, v) in enumerate(zip(texts, verdicts)):
             self.screened.inc(tags={"direction": direction, "action": v["action"]})
             for c, action in v["actions"].items():
                 self.decisions.inc(tags={"direction": direction, "category": c, "action": action})
-            self.audit.write(text=text, direction=direction, verdict=v, context=context or {})
+            where = {"index": i, **({"role": roles[i]} if roles else {})}
+            self.audit.write(text=text, direction=direction, verdict=v, context={**(context or {}), **where})
         self.latency.observe(time.monotonic() - started, tags={"direction": direction})
         return verdicts
 

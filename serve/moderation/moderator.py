@@ -2,7 +2,7 @@
 give scores per category; the policy turns flagged categories into one action per text.
 
 Used by the Ray Serve deployment (`deployment.py`), the `moderation` stage's evaluation and
-`bench/moderation_eval.py`, so all three measure the same thing.
+`bench/moderation_bench.py`, so all three measure the same thing.
 """
 
 from __future__ import annotations
@@ -112,10 +112,10 @@ class Moderator:
                    for c in CATEGORIES if flagged[c]]
         # Harmful overall: its likeliest category, unless a layer of the policy set that category's own threshold.
         own = {c for c in CATEGORIES if c in policy.thresholds or self.cfg.rule(c).threshold is not None}
-        candidates = [c for c in LEARNED if c in screened and c not in own]
-        if row[-1] >= self.threshold and candidates:
-            top = max(candidates, key=lambda c: (scores[c], "/" not in c))
-            for c in {top, PARENT.get(top, top)} & set(candidates):
+        candidates = [c for c in LEARNED if c in screened]
+        top = max(candidates, key=lambda c: (scores[c], "/" not in c), default=None)
+        if row[-1] >= self.threshold and top is not None:
+            for c in {top, PARENT.get(top, top)} - own:
                 if not flagged[c]:
                     flagged[c] = True
                     reasons.append({"category": c, "score": round(float(row[-1]), 4), "threshold": self.threshold,

@@ -1,23 +1,25 @@
-"""Moderation quality and latency on the held-out labeled split: ours vs a lexicon-only peer.
+"""Moderation quality and latency, in one run: recall on harmful text, false-positive rates on
+benign look-alikes, on real text nobody here wrote and on persona / system prompts, and p95
+latency in-process and through the HTTP endpoint; ours vs a lexicon-only peer.
 
 Ours is the `moderation` stage's code path (rules + fine-tuned MiniLM + lexicon -> softmax
-head, mixed with character and word n-grams; trained on the split's train part); the peer is
-`better-profanity`'s own `contains_profanity`, the usual drop-in filter. Both see the same
-held-out examples, one request at a time. With --serve the per-request latency is also
-measured through the Ray Serve moderation deployment's handle (a local Ray is started). With --cv K the training part is also
-scored out of fold (K classifiers, each trained without one fold; ~K minutes more): how well the
-fine-tuned model alone and mixed with the n-gram scorer (several weights) separate harmful from
-benign, as the recall at FPR <= 0.05 with one threshold picked on those pooled scores. It runs
-below the held-out figures (each fold's model trains on a fifth less data, and five models'
-scores share one threshold) but compares the variants on 3x the examples: it is what the
-classifier's n-gram weights (plain, accented text) are picked by. With --draws N the whole
-evaluation is repeated on N other held-out draws (other hash salts, same sizes): how much the
-figures depend on which examples the split happened to hold out.
+head, mixed with character and word n-grams; trained on the labeled split's train part plus
+the train parts of the real-text set and the personas). Every figure is on examples it never
+trained or calibrated on: the labeled held-out split (harmful, and benign look-alikes), the
+held-out part of every source of `real_text.jsonl` and of `personas.jsonl` (screened with each
+prompt's own role, under the shipped per-role policy, and all as user messages). The peer is
+`better-profanity`'s own `contains_profanity`, the usual drop-in filter. Latency: one request
+at a time, in-process and through the gateway's POST /v1/moderations on a local Ray Serve.
+With --cv K the training part is also scored out of fold (K classifiers, each trained
+without one fold; ~K minutes more): how well the fine-tuned model alone and mixed with the
+n-gram scorer (several weights) separate harmful from benign labeled text, as the recall at
+FPR <= 0.05 with one threshold picked on those pooled scores; it is what the classifier's
+n-gram weights (plain, accented text) are picked by. With --draws N the evaluation is
+repeated on N other held-out draws of the labeled set (other hash salts, same sizes).
 
-    .venv/bin/python bench/moderation_eval.py [--serve] [--cv 5] [--draws 3]
+    .venv/bin/python bench/moderation_bench.py [--cv 5] [--draws 3] [--no-http]
 
-The last line is JSON with the figures: recall on harmful, false-positive rate on benign,
-p95 latency, and `ratio` = our recall / the peer's recall.
+The last line is JSON with the figures, the goals and whether each is met.
 """
 
 from __future__ import annotations
@@ -49,29 +51,62 @@ def peer(heldout) -> dict:
             "latency_ms": {"p95": round(float(np.percentile(ms, 95)), 2)}}
 
 
-def through_serve(classifier_dir: Path, heldout) -> dict:
-    """Per-request latency through the deployment handle (Ray Serve, local Ray)."""
+def through_http(classifier_dir: Path, texts: list[str]) -> dict:
+    """Per-request latency of POST /v1/moderations through the gateway on a local Ray Serve
+    (moderation only: the one model is an upstream that is never called)."""
+    import httpx
     import ray
     from ray import serve
 
-    from serve.moderation.deployment import ModerationServer
-    from serve.moderation.moderation_config import ModerationConfig
+    from serve.app import CLASSIFIER, deploy
+    from serve.serve_config import ServeConfig
 
+    cfg = ServeConfig.model_validate({
+        "models": [{"name": "none", "upstream": "http://127.0.0.1:9/v1"}], "port": free_port(),
+        "qa": {"index": None}, "feedback": {"enabled": False}})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        app = serve.deployment(ModerationServer, name="moderation").bind(
-            ModerationConfig().model_dump(mode="json"), str(classifier_dir), None, None)
-        handle = serve.run(app, name="moderation-bench", route_prefix=None)
-        handle.screen.remote(["warm up"], "input").result()
-        ms = []
-        for e in heldout:
-            t = time.perf_counter()
-            handle.screen.remote([e.text], "input").result()
-            ms.append((time.perf_counter() - t) * 1000)
-        return {"p50": round(float(np.percentile(ms, 50)), 2), "p95": round(float(np.percentile(ms, 95)), 2)}
+        base = deploy(cfg, {CLASSIFIER: str(classifier_dir)})
+        with httpx.Client(base_url=base, timeout=60) as client:
+            for _ in range(60):  # the deployments come up
+                try:
+                    if client.post("/v1/moderations", json={"input": "warm up"}).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(1)
+            ms = []
+            for t in texts:
+                started = time.perf_counter()
+                r = client.post("/v1/moderations", json={"input": t})
+                ms.append((time.perf_counter() - started) * 1000)
+                r.raise_for_status()
+        return {"requests": len(ms), "p50": round(float(np.percentile(ms, 50)), 2),
+                "p95": round(float(np.percentile(ms, 95)), 2)}
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+GOALS = {"recall_harmful": (">=", 0.95), "fpr_lookalikes": ("<=", 0.03), "fpr_real_text": ("<=", 0.01),
+         "fpr_personas": ("<=", 0.03), "p95_ms": ("<=", 20.0), "p95_ms_http": ("<=", 50.0)}
+
+
+def goals(figures: dict) -> dict:
+    """{figure: [value, goal, met]} for the issue's goals."""
+    out = {}
+    for k, (op, bar) in GOALS.items():
+        v = figures.get(k)
+        out[k] = [v, f"{op} {bar}", None if v is None else bool(v >= bar if op == ">=" else v <= bar)]
+    return out
 
 
 WEIGHT_GRID = tuple((plain, acc) for plain in (0.25, 0.5) for acc in (0.5, 0.75, 0.9))
@@ -133,10 +168,10 @@ def other_draws(n: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--serve", action="store_true", help="also time requests through the Ray Serve deployment")
+    ap.add_argument("--no-http", action="store_true", help="skip the latency through the HTTP endpoint")
     ap.add_argument("--cv", type=int, default=0, metavar="K", help="also score the training part out of fold (K >= 2)")
     ap.add_argument("--draws", type=int, default=0, metavar="N", help="also evaluate on N other held-out draws")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moderation_eval.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moderation_bench.json")
     args = ap.parse_args()
 
     from serve.moderation.classifier import load_labeled, split
@@ -145,15 +180,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours = train_and_evaluate(ModerationStageConfig(), Path(tmp))
         heldout = split(load_labeled())[1]
-        served = through_serve(Path(tmp) / "classifier", heldout) if args.serve else None
+        http = None if args.no_http else through_http(Path(tmp) / "classifier", [e.text for e in heldout])
     cv = out_of_fold(split(load_labeled())[0], args.cv) if args.cv >= 2 else None
     draws = other_draws(args.draws)
     theirs = peer(heldout)
     print(table(ours))
     print(f"peer (better-profanity contains_profanity): recall {theirs['recall_harmful']}, FPR {theirs['fpr_benign']}, "
           f"p95 {theirs['latency_ms']['p95']} ms")
-    if served:
-        print(f"through the Ray Serve deployment handle: p50 {served['p50']} ms, p95 {served['p95']} ms")
+    if http:
+        print(f"through POST /v1/moderations (gateway + moderation deployment, HTTP): p50 {http['p50']} ms, "
+              f"p95 {http['p95']} ms over {http['requests']} requests")
     if cv:
         print(f"out of fold ({cv['folds']} folds over the {cv['examples']} training examples):",
               *(f"{name}: {m}" for name, m in cv.items() if isinstance(m, dict)), sep="\n  ")
@@ -161,16 +197,23 @@ def main() -> None:
         print(f"{len(draws)} other held-out draws (recall on harmful / FPR on benign):",
               *(f"{d['salt']} {d['recall_harmful']} / {d['fpr_benign']}" for d in draws), sep="\n  ")
     print("missed:", *ours["missed"], sep="\n  ")
-    print("false positives:", *ours["false_positives"], sep="\n  ")
-    line = {"heldout": ours["heldout"], "recall_harmful": ours["recall_harmful"], "fpr_benign": ours["fpr_benign"],
-            "p95_ms": ours["latency_ms"]["p95"], "p95_ms_serve": served and served["p95"],
+    print("false positives (look-alikes):", *ours["false_positives"], sep="\n  ")
+    for key in ("real", "personas"):
+        print(f"false positives ({key}):", *(f"[{fp['role']}] {fp['text'][:150]}  {fp['reasons']}"
+                                              for fp in ours[key]["false_positives"]), sep="\n  ")
+    figures = {"recall_harmful": ours["recall_harmful"], "fpr_lookalikes": ours["fpr_benign"],
+               "fpr_real_text": ours["real"]["fpr"], "fpr_personas": ours["personas"]["fpr"],
+               "p95_ms": ours["latency_ms"]["p95"], "p95_ms_http": http and http["p95"]}
+    line = {"heldout": ours["heldout"], "real_text_heldout": ours["real"]["n"], "personas_heldout": ours["personas"]["n"],
+            **figures, "fpr_personas_as_user": ours["personas_as_user"]["fpr"],
+            "fpr_real_per_source": {s: m["fpr"] for s, m in ours["real"]["per_source"].items()},
             "cv_recall_at_fpr_0.05": cv and {n: m["recall_at_fpr_0.05"] for n, m in cv.items() if isinstance(m, dict)},
             "other_draws": draws and [[d["recall_harmful"], d["fpr_benign"]] for d in draws],
             "peer_recall": theirs["recall_harmful"], "peer_fpr": theirs["fpr_benign"],
-            "ratio": round(ours["recall_harmful"] / max(theirs["recall_harmful"], 1e-9), 2)}
+            "ratio": round(ours["recall_harmful"] / max(theirs["recall_harmful"], 1e-9), 2), "goals": goals(figures)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"ours": ours, "peer": theirs, "serve": served, "cv": cv, "draws": draws, "summary": line}, indent=2,
-                                   ensure_ascii=False) + "\n")
+    args.out.write_text(json.dumps({"ours": ours, "peer": theirs, "http": http, "cv": cv, "draws": draws, "summary": line},
+                                   indent=2, ensure_ascii=False) + "\n")
     print(json.dumps(line))
 
 
