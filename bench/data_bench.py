@@ -33,24 +33,12 @@ SHINGLE = 5
 
 def _prose_texts():
     """The stdlib's pydoc topics and its modules' docstrings: the default corpus's prose."""
-    import ast
-    import sysconfig
-
     from pydoc_data.topics import topics
 
+    from serve.moderation.real_text import stdlib_docstrings
+
     yield from topics.values()
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        if "test" in path.parts or "idlelib" in path.parts:
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc:
-                    yield doc
+    yield from stdlib_docstrings(skip=("test", "idlelib"))
 
 
 def sentences() -> list[str]:

@@ -63,7 +63,7 @@ def through_http(classifier_dir: Path, texts: list[str]) -> dict:
 
     cfg = ServeConfig.model_validate({
         "models": [{"name": "none", "upstream": "http://127.0.0.1:9/v1"}], "port": free_port(),
-        "qa": {"index": None}, "feedback": {"enabled": False}})
+        "qa": {"index": None}, "feedback": {"enabled": False}, "auth": {"enabled": False}})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         base = deploy(cfg, {CLASSIFIER: str(classifier_dir)})

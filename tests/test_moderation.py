@@ -269,7 +269,7 @@ def test_the_pipelines_classifier_is_evaluated_on_held_out_examples(post_run):
     assert meta["threshold"] == ev["threshold"] and set(calibrated["fpr"]) == {"labeled", "real", "personas"}
     assert all(calibrated["fpr"][g] <= calibrated["target_fpr"][g] for g in calibrated["fpr"])
     # Benign text nobody here wrote, never trained on: nearly all of it passes (what every flag was, is kept).
-    assert ev["real"]["n"] >= 800 and ev["real"]["fpr"] <= 0.05 and len(ev["real"]["per_source"]) == 5
+    assert ev["real"]["n"] >= 600 and ev["real"]["fpr"] <= 0.05 and len(ev["real"]["per_source"]) == 5
     assert len(ev["real"]["false_positives"]) == round(ev["real"]["fpr"] * ev["real"]["n"])
     assert ev["personas"]["n"] >= 80 and ev["personas"]["fpr"] <= ev["personas_as_user"]["fpr"]  # roles only help
 

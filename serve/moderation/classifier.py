@@ -275,21 +275,6 @@ def operating_point(harmful: np.ndarray, benign: dict[str, np.ndarray], targets:
     return float(grid[np.argmax(ok)]) if ok.any() else float(grid[-1])
 
 
-def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """One epoch's batches: shuffled, then sorted by length within windows of 50 batches, so a
-    batch pads its short texts less (a real-text paragraph beside a 20-character question), in
-    shuffled order. What transformers' `group_by_length` sampler does; written here because
-    the loop is ours (a head and an encoder with two learning rates, chunks of one text)."""
-    order = rng.permutation(len(lengths))
-    window = batch_size * 50
-    batches = []
-    for start in range(0, len(order), window):
-        part = order[start:start + window]
-        part = part[np.argsort(-lengths[part], kind="stable")]
-        batches += np.array_split(part, max(1, len(part) // batch_size))
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
 def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr: float = 1e-3,
           batch_size: int = 16, target_fpr: float | dict[str, float] = 0.05, calibration: float = 0.2,
           seed: int = 0) -> Classifier:
@@ -317,10 +302,9 @@ def train(examples: list[Example], *, epochs: int = 6, lr: float = 5e-5, head_lr
                                    {"params": model.head.parameters(), "lr": head_lr}])
     order = np.random.default_rng(seed)
     target = torch.tensor(labels)
-    lengths = np.array([len(p) for p in parts])
     for _ in range(epochs):
         model.encoder.train()
-        for idx in length_grouped_batches(lengths, batch_size, order):
+        for idx in np.array_split(order.permutation(len(parts)), max(1, len(parts) // batch_size)):
             loss = torch.nn.functional.cross_entropy(model.logits([parts[i] for i in idx]), target[idx])
             optimizer.zero_grad()
             loss.backward()

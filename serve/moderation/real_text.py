@@ -96,13 +96,13 @@ def man_paragraphs(n: int, pages: int = 600, root: Path = Path("/usr/share/man")
     return _sample(paragraphs, n, "man")
 
 
-def python_docstrings(n: int) -> list[str]:
-    """Docstring paragraphs of the standard library's modules, classes and functions."""
+def stdlib_docstrings(skip: tuple[str, ...] = ("test", "tests", "idlelib", "site-packages", "lib2to3")):
+    """Every module, class and function docstring of the standard library's source, read with
+    `ast` (nothing is imported); folders named in `skip` are left out."""
     import sysconfig
 
-    paragraphs = []
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in path.parts):
+        if any(part in skip for part in path.parts):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -112,7 +112,13 @@ def python_docstrings(n: int) -> list[str]:
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc:
-                    paragraphs += [p for p in doc.split("\n\n") if not p.lstrip().startswith((">>>", ":", "..", "-"))]
+                    yield doc
+
+
+def python_docstrings(n: int) -> list[str]:
+    """Docstring paragraphs of the standard library (doctest and field-list paragraphs left out)."""
+    paragraphs = [p for doc in stdlib_docstrings() for p in doc.split("\n\n")
+                  if not p.lstrip().startswith((">>>", ":", "..", "-"))]
     return _sample(paragraphs, n, "python-doc")
 
 

@@ -36,7 +36,8 @@ class ModerationStageConfig(StrictModel):
                                                                        "pick the operating point")
     target_fpr: float = Field(default=0.03, gt=0, lt=1,
                               description="the operating point: false-positive rate on the calibration part's "
-                                          "benign labeled examples (look-alikes of harmful text)")
+                                          "benign labeled examples (look-alikes of harmful text); lower costs "
+                                          "recall (docs/results.md)")
     real_text: bool = Field(default=True, description="train against, calibrate on and evaluate on the shipped benign "
                                                       "real-text set (real_text.jsonl: package descriptions, man pages, "
                                                       "Python docs, Vietnamese UI strings)")
