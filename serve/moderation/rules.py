@@ -70,7 +70,8 @@ def screen_rules(text: str, ignore: tuple[str, ...] | list[str] = ()) -> RuleFin
     if _BIDI_OR_TAG.search(text) and "bidi_or_tag_unicode" not in ignore:
         found.kinds["bidi_or_tag_unicode"] += len(_BIDI_OR_TAG.findall(text))
     zero_width = len(_ZERO_WIDTH.findall(text.lstrip("\ufeff")))
-    if zero_width >= 3 and "zero_width_unicode" not in ignore:  # one stray ZWSP is common in pasted text; several hide words from filters
+    # one stray ZWSP is common in pasted text; several hide words from filters
+    if zero_width >= 3 and "zero_width_unicode" not in ignore:
         found.kinds["zero_width_unicode"] += zero_width
     if any(k in found.kinds for k in INJECTION_KINDS):
         found.scores["prompt_injection"] = 1.0
