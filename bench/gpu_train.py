@@ -71,7 +71,7 @@ def main() -> None:
         "model": {"preset": args.preset}, "steps": args.steps, "warmup_steps": min(5, args.steps - 1),
         "global_batch": args.micro_batch * args.grad_accum, "micro_batch": args.micro_batch,
         "zero_stage": args.zero_stage, "activation_checkpointing": args.activation_checkpointing,
-        "checkpoint_every": 10**9, "eval_every": 10**9, "report_every": 10**9, "peak_tflops": args.peak_tflops,
+        "checkpoint_every": 10**9, "eval_every": 10**9, "log_every": 10**9, "peak_tflops": args.peak_tflops,
         "lr": 3e-4, "scaling": {"num_workers": 1, "use_gpu": use_gpu},
     })
     with tempfile.TemporaryDirectory() as tmp:

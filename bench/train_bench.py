@@ -30,7 +30,7 @@ MODEL = {"preset": "tiny", "overrides": {"hidden_size": 256, "intermediate_size"
 def ours(runs: Path, steps: int, warmup: int) -> tuple[float, dict]:
     from cluster.config import build_recipe
     from cluster.runner import run_stage
-    from jobs.pretrain import read_history
+    from cluster.records import read_history
 
     recipe = build_recipe({
         "run": "train-bench", "runs_dir": str(runs), "ray": {"num_cpus": 2, "dashboard": False},

@@ -176,18 +176,10 @@ def quantize_command(
     address: RayAddress = None,
 ) -> None:
     """AWQ-quantize any model folder (plus the RTN baseline and the quality table), as a run of its own."""
-    from cluster.config import apply_overrides, build_recipe
-    from cluster.runner import run_stage
-    from jobs.quantize import quantize_recipe
+    from cluster.stages import load_command
 
-    settings = apply_overrides({"calibration": {"sources": list(calibration)}}, overrides or [])
-    recipe = build_recipe(quantize_recipe(model_dir, runs_dir, run_name, settings), source="aero quantize")
-    if address:
-        recipe.ray.address = address
-    manifest = run_stage(recipe, "quantize")
-    stage_dir = recipe.run_dir / "quantize"
-    typer.echo((stage_dir / "quant.md").read_text())
-    typer.echo(f"quantize: {manifest.status}; AWQ checkpoint {manifest.outputs['model'].path}; table {stage_dir / 'quant.json'}")
+    typer.echo(load_command("quantize")(model_dir, list(calibration), overrides or [], run=run_name,
+                                        runs_dir=runs_dir, address=address))
 
 
 @app.command("serve")
@@ -201,26 +193,12 @@ def serve_command(
     shutdown: bool = typer.Option(False, "--shutdown", help="Stop every Serve application on the cluster."),
 ) -> None:
     """Deploy the recipe's `serve` section on Ray Serve (stays in the foreground on an embedded Ray)."""
-    from cluster.ray_session import connect_ray
     from cluster.runner import run_stage
+    from cluster.stages import load_command
 
     recipe = _recipe(config, overrides or [], overlay or [], address)
     if status or shutdown:
-        from ray import serve
-
-        connect_ray(recipe.ray)
-        if shutdown:
-            serve.shutdown()
-            typer.echo("serve: shut down")
-            return
-        def plain(value) -> str:  # Ray's status enums print as `ApplicationStatus.RUNNING`
-            return str(getattr(value, "value", value))
-
-        for name, app_status in serve.status().applications.items():
-            typer.echo(f"{name}: {plain(app_status.status)}")
-            for dep, d in app_status.deployments.items():
-                replicas = ", ".join(f"{n} {plain(state)}" for state, n in d.replica_states.items())
-                typer.echo(f"  {dep}: {plain(d.status)} (replicas: {replicas or 'none'})")
+        typer.echo(load_command("serve.shutdown" if shutdown else "serve.status")(recipe))
         return
     _keep_serving(recipe, run_stage(recipe, "serve"))
 
@@ -233,15 +211,9 @@ def moderation_report(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Flagged rates per direction and category, and the actions taken, from the audit log."""
-    from serve.moderation.audit import parse_window, report, report_text
+    from cluster.stages import load_command
 
-    path = source
-    if source.suffix in (".yaml", ".yml"):
-        recipe = _recipe(source, [], [], None)
-        configured = recipe.stage_config("serve").moderation.audit_log
-        path = Path(configured) if configured else recipe.run_dir / "serve" / "moderation_audit.jsonl"
-    rep = report(path.expanduser(), parse_window(since))
-    typer.echo(json.dumps(rep, indent=2) if as_json else report_text(rep))
+    typer.echo(load_command("moderation.report")(source, since, as_json))
 
 
 @feedback_app.command("export")
@@ -253,25 +225,9 @@ def feedback_export(
 ) -> None:
     """Write preferences.jsonl (prompt/chosen/rejected) and sft.jsonl (messages) from stored feedback:
     list them under chat_data.preference_files / sft_files to train on them."""
-    from serve.feedback.export import export
-    from serve.feedback.store import sqlite_url
+    from cluster.stages import load_command
 
-    if source.endswith((".yaml", ".yml")):
-        recipe = _recipe(Path(source), [], [], None)
-        url = recipe.stage_config("serve").feedback.database or sqlite_url(recipe.run_dir / "serve" / "feedback.db")
-        out = out or recipe.run_dir / "feedback"
-    elif "://" in source:
-        url = source
-    else:
-        if not Path(source).expanduser().is_file():
-            raise UserError(f"{source}: no such feedback database (give a recipe, a SQLite file or a SQLAlchemy URL)")
-        url = sqlite_url(source)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no feedback database at {url.removeprefix('sqlite:///')} (is the serve stage running?)")
-    stats = export(url, out or Path("feedback"))
-    typer.echo(f"feedback: {stats['preference_pairs']} preference pairs -> {stats['preferences']}; "
-               f"{stats['sft_examples']} SFT examples -> {stats['sft']} (from {stats['replies']} replies, "
-               f"{stats['ratings']} ratings, {stats['comparisons']} comparisons; skipped {stats['skipped'] or 'none'})")
+    typer.echo(load_command("feedback.export")(source, out))
 
 
 @app.command()

@@ -10,14 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.config import read_yaml
+from cluster.config import RayConfig, read_yaml
 from cluster.errors import ConfigError, UserError
-
-
-def ray_cli() -> str:
-    """The `ray` executable of this environment."""
-    candidate = Path(sys.executable).with_name("ray")
-    return str(candidate) if candidate.exists() else "ray"
+from cluster.ray_session import connect_ray, ensure_local_token, ray_cli, set_auth_mode
 
 
 def validate_cluster_file(path: Path) -> dict[str, Any]:
@@ -43,8 +38,6 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
 
 def cluster_up(*, config_file: Path | None, port: int, dashboard_port: int, num_cpus: int | None, auth: str) -> str:
     """Start a local head (dashboard on 127.0.0.1) or launch the cluster file; return the dashboard URL."""
-    from cluster.ray_session import ensure_local_token, set_auth_mode
-
     set_auth_mode(auth)
     ensure_local_token()
     env = dict(os.environ)
@@ -73,9 +66,6 @@ def cluster_down(*, config_file: Path | None) -> None:
 def cluster_status(address: str | None) -> dict[str, Any]:
     """Nodes, total and free resources, and the dashboard URL of the cluster at `address`."""
     import ray
-
-    from cluster.config import RayConfig
-    from cluster.ray_session import connect_ray
 
     url = connect_ray(RayConfig(address=address or os.environ.get("RAY_ADDRESS") or "auto"))
     nodes = [

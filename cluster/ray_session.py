@@ -13,11 +13,18 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from cluster.config import RayConfig
 from cluster.errors import UserError
 
 AUTH_ENV = "RAY_AUTH_MODE"
+
+
+def ray_cli() -> str:
+    """The `ray` executable of this environment."""
+    candidate = Path(sys.executable).with_name("ray")
+    return str(candidate) if candidate.exists() else "ray"
 
 
 def set_auth_mode(mode: str) -> str:
@@ -42,8 +49,6 @@ def has_auth_token() -> bool:
 def ensure_local_token() -> None:
     """Token auth on a cluster we start needs a token; make one the way Ray's CLI does."""
     if os.environ.get(AUTH_ENV, "").lower() == "token" and not has_auth_token():
-        from cluster.launcher import ray_cli
-
         subprocess.run([ray_cli(), "get-auth-token", "--generate"], check=True, capture_output=True)
 
 

@@ -16,7 +16,12 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from cluster.errors import UserError
-from cluster.manifest import Manifest, read_manifest
+from cluster.manifest import Manifest, hash_path, read_manifest
+
+
+def is_folder_ref(ref: str) -> bool:
+    """A recipe reference that names a folder (has a slash, or exists) rather than a stage."""
+    return "/" in ref or Path(ref).is_dir()
 
 
 @dataclass
@@ -66,6 +71,28 @@ class StageContext:
         if output not in manifest.outputs:
             raise UserError(f"stage {stage!r} of run {self.run!r} has no output {output!r}")
         return Path(manifest.outputs[output].path)
+
+    def resolve(self, ref: str, output: str) -> Path:
+        """A recipe reference -> a path: a folder as given, a stage name -> that stage's `output`."""
+        return Path(ref).expanduser() if is_folder_ref(ref) else self.upstream_output(ref, output)
+
+    def model_dir(self, ref: str) -> Path:
+        """A stage name -> its exported `model`; a folder -> itself. Either must hold a config.json."""
+        path = self.resolve(ref, "model")
+        if not (path / "config.json").is_file():
+            raise UserError(f"stage {self.name!r}: {path} is not a Hugging Face model folder (no config.json)")
+        return path
+
+    def fingerprints(self, refs) -> dict[str, str]:
+        """Input hashes of recipe references, so a changed upstream reruns the stage: a stage ->
+        `stage:NAME` its outputs' id, a folder -> `path:PATH` its content hash."""
+        out: dict[str, str] = {}
+        for ref in refs:
+            if is_folder_ref(ref):
+                out[f"path:{ref}"] = hash_path(Path(ref).expanduser())
+            else:
+                out[f"stage:{ref}"] = self.upstream(ref).output_id
+        return out
 
 
 def _no_outside_inputs(ctx: StageContext, config: Any) -> dict[str, str]:

@@ -1,13 +1,17 @@
-"""The table of stages, by name, as import strings.
+"""The tables of stages and of the `aero` commands that belong to a stage, by name, as
+import strings.
 
-`cluster/` never imports a stage at module import time: the runner resolves a name here
-when it needs the stage, so the import direction stays stage -> cluster. To add a stage,
-write a module exposing `STAGE = cluster.stage.Stage(...)` and add one line below.
+`cluster/` never imports a stage's package: the runner and the CLI resolve a name here when
+they need it, so the import direction stays stage -> cluster. To add a stage, write a module
+exposing `STAGE = cluster.stage.Stage(...)` and add one line below; a stage's own command is
+a public function of its package, listed in COMMAND_TABLE.
 """
 
 from __future__ import annotations
 
 import importlib
+
+from typing import Callable
 
 from cluster.errors import UserError
 from cluster.stage import Stage
@@ -39,3 +43,18 @@ def load_stage(name: str) -> Stage:
     if not isinstance(stage, Stage) or stage.name != name:
         raise TypeError(f"{STAGE_TABLE[name]} is not the Stage named {name!r}")
     return stage
+
+
+COMMAND_TABLE: dict[str, str] = {
+    "quantize": "jobs.quantize:quantize_model",
+    "serve.status": "serve.app:status",
+    "serve.shutdown": "serve.app:shutdown",
+    "moderation.report": "serve.moderation.audit:report_for",
+    "feedback.export": "serve.feedback.export:export_from",
+}
+
+
+def load_command(name: str) -> Callable[..., str]:
+    """The public function behind a stage's `aero` command; it returns what the command prints."""
+    module_name, _, attr = COMMAND_TABLE[name].partition(":")
+    return getattr(importlib.import_module(module_name), attr)

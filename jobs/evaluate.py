@@ -25,6 +25,7 @@ from pydantic import Field
 
 from cluster.config import StrictModel
 from cluster.manifest import atomic_write_text
+from cluster.records import read_jsonl
 from cluster.stage import Stage, StageContext, StageResult
 from jobs.policy_sampling import answer_logprob, reward_score, sample_answers
 
@@ -44,17 +45,6 @@ class EvalConfig(StrictModel):
     cpus: float = Field(default=1.0, gt=0, description="CPUs of the evaluation task")
 
 
-def _read_jsonl(path: Path, limit: int) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-            if len(rows) >= limit:
-                break
-    return rows
-
-
 def _perplexity(model, index: dict, n: int) -> float:
     import numpy as np
     import pyarrow.dataset as pads
@@ -72,12 +62,14 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
     import statistics
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from jobs.awq_loader import load_causal_lm
 
     torch.manual_seed(0)
-    sft_val = _read_jsonl(Path(data["sft_val"]), cfg.records)
-    prefs_val = _read_jsonl(Path(data["prefs_val"]), cfg.records)
-    prompts = [r["prompt"] for r in _read_jsonl(Path(data["sft_val"]), cfg.prompts)]
+    sft_val = read_jsonl(Path(data["sft_val"]), cfg.records)
+    prefs_val = read_jsonl(Path(data["prefs_val"]), cfg.records)
+    prompts = [r["prompt"] for r in read_jsonl(Path(data["sft_val"]), cfg.prompts)]
     rm = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
     rm_tok = AutoTokenizer.from_pretrained(reward_model)
     result: dict[str, Any] = {"ppl": {}, "instruction_loss": {}, "mean_reward": {}, "logprob_margin": {},
@@ -94,7 +86,7 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
 
     scores: dict[str, list[float]] = {}
     for name, path in models.items():
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        model = load_causal_lm(path)
         tok = AutoTokenizer.from_pretrained(path)
         result["ppl"][name] = _perplexity(model, index, cfg.ppl_sequences)
         total, count = 0.0, 0
@@ -137,7 +129,7 @@ def write_lm_eval_tasks(folder: Path, documents_dir: Path, prefs_val: Path, toke
     atomic_write_text(folder / "heldout_docs.jsonl", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs[:limit]))
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     prefs = []
-    for r in _read_jsonl(prefs_val, limit):
+    for r in read_jsonl(prefs_val, limit):
         prefix = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
         prefs.append({"context": prefix, "chosen": r["chosen"][0]["content"] + "<|im_end|>",
                       "rejected": r["rejected"][0]["content"] + "<|im_end|>"})
@@ -182,10 +174,8 @@ def _table(result: dict[str, Any]) -> str:
 def run(ctx: StageContext, cfg: EvalConfig) -> StageResult:
     import ray
 
-    from jobs.posttrain import model_dir
-
-    models = {name: str(model_dir(ctx, name).resolve()) for name in cfg.models}
-    reward_model = str(model_dir(ctx, cfg.reward_stage).resolve())
+    models = {name: str(ctx.model_dir(name).resolve()) for name in cfg.models}
+    reward_model = str(ctx.model_dir(cfg.reward_stage).resolve())
     index = json.loads(ctx.upstream_output("tokenizer", "index").read_text())
     data = {k: str(ctx.upstream_output("chat_data", k).resolve()) for k in ("sft_val", "prefs_val")}
     task = ray.remote(num_cpus=cfg.cpus)(evaluate)
@@ -200,10 +190,7 @@ def run(ctx: StageContext, cfg: EvalConfig) -> StageResult:
 
 
 def _upstream(ctx: StageContext, cfg: EvalConfig) -> dict[str, str]:
-    from jobs.posttrain import _is_folder
-
-    refs = {*cfg.models, cfg.reward_stage}
-    return {f"stage:{r}": ctx.upstream(r).output_id for r in sorted(refs) if not _is_folder(r)}
+    return ctx.fingerprints(sorted({*cfg.models, cfg.reward_stage}))
 
 
 STAGE = Stage(name="eval", config_model=EvalConfig, run=run, needs=("data", "tokenizer", "chat_data"),

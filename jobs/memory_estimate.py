@@ -170,7 +170,7 @@ def model_shape_for(recipe, ref: str) -> ModelShape | None:
 def training_needs(stage: str, shape: ModelShape, *, workers: int, gpu: bool, cpus_per_worker: float,
                    zero_stage: int, batch: int, seq_len: int, activation_checkpointing: bool,
                    offload_optimizer: bool, sequences_per_example: int = 1, frozen_copies: int = 0,
-                   trainable: bool = True, batch_key: str = "micro_batch", role: str = "training worker"):
+                   trainable: bool = True, role: str = "training worker"):
     """A training stage's WorkerNeed, with the cheaper settings (as `stage.key value`) to
     suggest when it does not fit: ZeRO-3, activation checkpointing, smaller batches, optimizer
     offload. `batch` is the config's per-worker batch; each example is
@@ -202,11 +202,11 @@ def training_needs(stage: str, shape: ModelShape, *, workers: int, gpu: bool, cp
     smaller = batch
     while smaller > 1:
         smaller //= 2
-        options.append((f"{batch_key} {smaller}", {"batch": smaller}))
+        options.append((f"micro_batch {smaller}", {"batch": smaller}))
     if gpu and not offload_optimizer and zero_stage > 0:
         options.append(("offload_optimizer true", {"offload_optimizer": True}))
     alternatives = [(f"{stage}.{label}", *sized(**change)[:2]) for label, change in options]
-    return WorkerNeed(stage=stage, role=f"{role}, ZeRO-{zero_stage}, {batch_key} {batch}", workers=workers,
+    return WorkerNeed(stage=stage, role=f"{role}, ZeRO-{zero_stage}, micro_batch {batch}", workers=workers,
                       ram_bytes=ram, gpu_bytes=gpu_bytes, gpus_per_worker=1.0 if gpu else 0.0,
                       cpus_per_worker=cpus_per_worker, parts={"runtime": WORKER_RUNTIME_BYTES, **parts},
                       alternatives=alternatives, note=f"{shape.params / 1e6:.0f}M params")

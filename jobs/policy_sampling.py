@@ -75,11 +75,13 @@ def ranked_pairs(policy: str, reward_model: str, prompts: list[Messages], *, sam
     import statistics
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from jobs.awq_loader import load_causal_lm
 
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(policy).eval().to(device)
+    model = load_causal_lm(policy, device=device)
     tok = AutoTokenizer.from_pretrained(policy)
     rm = AutoModelForSequenceClassification.from_pretrained(reward_model).eval().to(device)
     rm_tok = AutoTokenizer.from_pretrained(reward_model)

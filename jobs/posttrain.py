@@ -14,7 +14,8 @@ from functools import partial
 from pathlib import Path
 
 from cluster.errors import UserError
-from cluster.manifest import atomic_write_text, hash_path
+from cluster.manifest import atomic_write_text
+from cluster.records import plot_curves, read_jsonl
 from cluster.stage import Stage, StageContext, StageResult
 from jobs.posttrain_config import DPOConfig, GRPOConfig, PostTrainConfig, RewardConfig, SFTConfig
 
@@ -31,26 +32,9 @@ def _model_sources(cfg: PostTrainConfig) -> dict[str, str]:
     return sources
 
 
-def _is_folder(ref: str) -> bool:
-    return "/" in ref or Path(ref).is_dir()
-
-
-def model_dir(ctx: StageContext, ref: str) -> Path:
-    """A stage name -> that stage's exported model; a path -> that folder (must hold a config.json)."""
-    path = Path(ref) if _is_folder(ref) else ctx.upstream_output(ref, "model")
-    if not (path / "config.json").is_file():
-        raise UserError(f"stage {ctx.name!r}: {path} is not a Hugging Face model folder (no config.json)")
-    return path
-
-
 def upstream_inputs(ctx: StageContext, cfg: PostTrainConfig) -> dict[str, str]:
     """Fingerprints of the configurable upstream models, so a changed base reruns the stage."""
-    return {
-        (f"model:{ref}" if _is_folder(ref) else f"stage:{ref}"): (
-            hash_path(Path(ref)) if _is_folder(ref) else ctx.upstream(ref).output_id
-        )
-        for ref in _model_sources(cfg).values()
-    }
+    return ctx.fingerprints(_model_sources(cfg).values())
 
 
 def _prompts_with_room(records: list[dict], tokenizer, room: int) -> list[dict]:
@@ -73,9 +57,9 @@ def _sample_pairs(ctx: StageContext, cfg: DPOConfig, base: Path, max_length: int
 
     sp = cfg.sampled_pairs
     assert sp is not None
-    reward_model = model_dir(ctx, sp.reward_stage)
+    reward_model = ctx.model_dir(sp.reward_stage)
     source = ctx.upstream_output("chat_data", "sft_train")
-    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_jsonl(source)
     prompts = _prompts_with_room(records, AutoTokenizer.from_pretrained(str(base)), max_length - sp.max_new_tokens)
     prompts = [p["prompt"] for p in prompts][:sp.prompts]
     if not prompts:
@@ -95,7 +79,7 @@ def prepare_paths(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> dict[st
     """Everything the workers read, checked before any worker starts."""
     from transformers import AutoConfig, AutoTokenizer
 
-    base = model_dir(ctx, cfg.base)
+    base = ctx.model_dir(cfg.base)
     context = AutoConfig.from_pretrained(str(base)).max_position_embeddings
     max_length = cfg.max_length or context
     if max_length > context:
@@ -107,44 +91,26 @@ def prepare_paths(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> dict[st
     if isinstance(cfg, GRPOConfig):
         tokenizer = AutoTokenizer.from_pretrained(str(base))
         for split, source in (("train", train), ("eval", evaluation)):
-            records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]
+            records = read_jsonl(source)
             prompts = _prompts_with_room(records, tokenizer, max_length - cfg.max_completion_length)
             target = ctx.stage_dir / f"prompts_{split}.jsonl"
             atomic_write_text(target, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts))
             paths[split] = str(target.resolve())
-        paths["reward_model"] = str(model_dir(ctx, cfg.reward_stage).resolve())
+        paths["reward_model"] = str(ctx.model_dir(cfg.reward_stage).resolve())
     if isinstance(cfg, DPOConfig) and cfg.sampled_pairs:
         paths["train"] = str(_sample_pairs(ctx, cfg, base, max_length).resolve())
-    rows = sum(1 for line in Path(paths["train"]).read_text(encoding="utf-8").splitlines() if line.strip())
-    needed = cfg.per_device_batch * cfg.scaling.num_workers
+    rows = len(read_jsonl(Path(paths["train"])))
+    needed = cfg.micro_batch * cfg.scaling.num_workers
     if rows < needed:
         raise UserError(f"{kind}: {rows} training records in {paths['train']}, fewer than one batch "
-                        f"(per_device_batch {cfg.per_device_batch} x num_workers {cfg.scaling.num_workers})")
+                        f"(micro_batch {cfg.micro_batch} x num_workers {cfg.scaling.num_workers})")
     paths.update(work_dir=str((ctx.stage_dir / "trainer").resolve()), log=str((ctx.stage_dir / "metrics.jsonl").resolve()))
     return paths
 
 
-def read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _plot(history: list[dict], key: str, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points = [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
-    ax.set_xlabel("step")
-    ax.set_ylabel(key)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_curves({key: points}, path, ylabel=key, title=title)
 
 
 PLOTTED = {"sft": "loss", "reward": "loss", "dpo": "loss", "grpo": "reward"}
@@ -174,7 +140,7 @@ def run(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> StageResult:
         raise RuntimeError(f"{kind} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         model = export_checkpoint(kind, Path(d) / "checkpoint", paths["base"], ctx.stage_dir / "model")
-    history = read_log(ctx.stage_dir / "metrics.jsonl")
+    history = read_jsonl(ctx.stage_dir / "metrics.jsonl")
     _plot(history, PLOTTED[kind], ctx.stage_dir / "curve.png", f"{kind}: {PLOTTED[kind]}")
     last = {k: v for h in history for k, v in h.items() if isinstance(v, (int, float))}
     summary = {"step": result.metrics.get("step"), **{k: last[k] for k in sorted(last) if k != "step"}}
@@ -206,10 +172,10 @@ def memory_needs(kind: str, recipe, cfg: PostTrainConfig) -> list:
     return [training_needs(
         kind, shape, workers=cfg.scaling.num_workers, gpu=cfg.scaling.use_gpu,
         cpus_per_worker=cfg.scaling.cpus_per_worker, zero_stage=cfg.zero_stage if cfg.scaling.use_gpu else 0,
-        batch=cfg.per_device_batch, sequences_per_example=2 if kind in ("dpo", "reward") else 1,
+        batch=cfg.micro_batch, sequences_per_example=2 if kind in ("dpo", "reward") else 1,
         seq_len=cfg.max_length or shape.context, activation_checkpointing=cfg.activation_checkpointing,
         offload_optimizer=cfg.offload_optimizer, frozen_copies=frozen, trainable=not cfg.lora.enabled,
-        batch_key="per_device_batch", role="TRL worker" + (" (LoRA)" if cfg.lora.enabled else ""),
+        role="TRL worker" + (" (LoRA)" if cfg.lora.enabled else ""),
     )]
 
 

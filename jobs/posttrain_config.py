@@ -1,5 +1,5 @@
-"""Typed configs of the post-training stages (`sft`, `reward`, `dpo`, `grpo`) and the TRL /
-DeepSpeed arguments built from them (one place, so the GPU DeepSpeed config can be checked by
+"""Typed configs of the post-training stages (`sft`, `reward`, `dpo`, `grpo`) and the TRL
+arguments built from them (one place, so the GPU DeepSpeed config can be checked by
 transformers on a CPU machine)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from cluster.config import StrictModel
-from jobs.pretrain_config import ScalingConfig
+from jobs.training_config import TrainingConfig, deepspeed_config
 
 
 class LoraConfig(StrictModel):
@@ -20,30 +20,15 @@ class LoraConfig(StrictModel):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class PostTrainConfig(StrictModel):
+class PostTrainConfig(TrainingConfig):
     """What every post-training stage shares; `base` is the stage whose exported model it starts from."""
 
     base: str = "pretrain"
-    scaling: ScalingConfig = ScalingConfig()  # the one scaling section, shared with pretrain
     lora: LoraConfig = LoraConfig()
-    steps: int = Field(default=30, ge=1)
-    per_device_batch: int = Field(default=4, ge=1)
-    grad_accum: int = Field(default=1, ge=1)
-    lr: float = Field(default=5e-4, gt=0)
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
     max_length: int | None = Field(default=None, ge=16, description="default: the model's context")
     zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO on GPU workers (CPU: plain DDP)")
-    offload_optimizer: bool = False
-    activation_checkpointing: bool = Field(default=False, description="recompute activations in the backward "
-                                           "pass (TRL's gradient_checkpointing): less memory, ~30% more compute")
-    checkpoint_every: int = Field(default=10, ge=1)
     eval_every: int | None = Field(default=None, ge=1, description="steps between held-out evaluations (none: off)")
-    keep_checkpoints: int = Field(default=2, ge=1)
-    log_every: int = Field(default=5, ge=1)
-    max_failures: int = Field(default=2, ge=0)
     eval_records: int = Field(default=64, ge=1, description="held-out records for the trainer's eval loss")
-    seed: int = 0
 
 
 class SFTConfig(PostTrainConfig):
@@ -96,30 +81,12 @@ class GRPOConfig(PostTrainConfig):
 
     @model_validator(mode="after")
     def _generations_fit(self) -> "GRPOConfig":
-        total = self.per_device_batch * self.scaling.num_workers * self.grad_accum
-        if total % self.num_generations:
+        if self.global_batch and self.global_batch % self.num_generations:
             raise ValueError(
-                f"per_device_batch x num_workers x grad_accum = {total} is not divisible by num_generations "
+                f"global_batch {self.global_batch} is not divisible by num_generations "
                 f"{self.num_generations} (each prompt's completions form one group)"
             )
         return self
-
-
-def deepspeed_dict(cfg: PostTrainConfig) -> dict[str, Any]:
-    """The DeepSpeed config a GPU run hands TRL/transformers; "auto" is filled from the TrainingArguments."""
-    zero: dict[str, Any] = {"stage": cfg.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
-    if cfg.offload_optimizer and cfg.zero_stage > 0:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if cfg.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        "zero_optimization": zero,
-        "bf16": {"enabled": "auto"},
-        "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-    }
 
 
 def common_args(cfg: PostTrainConfig, output_dir: str, max_length: int) -> dict[str, Any]:
@@ -127,14 +94,14 @@ def common_args(cfg: PostTrainConfig, output_dir: str, max_length: int) -> dict[
     (accelerate takes its DeepSpeed path only with a GPU backend); GPU: bf16 + DeepSpeed."""
     gpu = cfg.scaling.use_gpu
     return dict(
-        output_dir=output_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.per_device_batch,
-        per_device_eval_batch_size=cfg.per_device_batch, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, warmup_steps=int(cfg.warmup_ratio * cfg.steps), weight_decay=cfg.weight_decay,
-        lr_scheduler_type="cosine", max_grad_norm=1.0, logging_steps=cfg.log_every, save_strategy="steps",
+        output_dir=output_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.micro_batch,
+        per_device_eval_batch_size=cfg.micro_batch, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+        lr_scheduler_type="cosine", max_grad_norm=cfg.grad_clip, logging_steps=cfg.log_every, save_strategy="steps",
         save_steps=cfg.checkpoint_every, save_total_limit=cfg.keep_checkpoints,
         eval_strategy="steps" if cfg.eval_every else "no", eval_steps=cfg.eval_every,
         report_to=[], seed=cfg.seed, data_seed=cfg.seed, use_cpu=not gpu, bf16=gpu,
-        deepspeed=deepspeed_dict(cfg) if gpu else None, dataloader_num_workers=0,
+        deepspeed=deepspeed_config(cfg, for_hf_trainer=True) if gpu else None, dataloader_num_workers=0,
         gradient_checkpointing=cfg.activation_checkpointing,
         disable_tqdm=True, save_only_model=False, ddp_find_unused_parameters=False,
     )

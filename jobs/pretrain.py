@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cluster.errors import UserError
 from cluster.manifest import atomic_write_text
+from cluster.records import plot_curves, read_history
 from cluster.stage import Stage, StageContext, StageResult
 from jobs.pretrain_config import PEAK_TFLOPS, PretrainConfig
 
@@ -74,33 +75,10 @@ def export_model(cfg: PretrainConfig, plan: dict, checkpoint_dir: Path, tokenize
     return out
 
 
-def read_history(path: Path) -> list[dict]:
-    """Per-step metrics in step order; a step logged again after a restart keeps its last entry."""
-    by_step: dict[int, dict] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                by_step[entry["step"]] = entry
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def _plot_losses(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
-    val = [h for h in history if h.get("val_loss") is not None]
-    ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_curves({"train loss": [(h["step"], h["loss"]) for h in history],
+                 "val loss": [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]},
+                path, ylabel="loss")
 
 
 def run(ctx: StageContext, cfg: PretrainConfig) -> StageResult:

@@ -19,9 +19,7 @@ from jobs.compress_config import CompressBase, QuantizeConfig
 
 
 def source_model(ctx: StageContext, cfg: CompressBase) -> Path:
-    from jobs.posttrain import model_dir
-
-    return model_dir(ctx, cfg.model).resolve()
+    return ctx.model_dir(cfg.model).resolve()
 
 
 def calibration_blocks(ctx: StageContext, cfg: CompressBase, model: Path) -> Blocks:
@@ -35,10 +33,7 @@ def calibration_blocks(ctx: StageContext, cfg: CompressBase, model: Path) -> Blo
 
 def compress_inputs(ctx: StageContext, cfg: CompressBase) -> dict[str, str]:
     """The model and the calibration text, hashed: a change of either reruns the stage."""
-    from jobs.posttrain import _is_folder
-
-    inputs = {f"model:{cfg.model}": hash_path(Path(cfg.model))} if _is_folder(cfg.model) else {
-        f"stage:{cfg.model}": ctx.upstream(cfg.model).output_id}
+    inputs = ctx.fingerprints([cfg.model])
     for s in cfg.calibration.sources:
         inputs[f"calibration:{s}"] = hash_path(Path(s)) if Path(s).exists() else "glob"
     if not cfg.calibration.sources:
@@ -157,3 +152,20 @@ def quantize_recipe(model_dir: Path, runs_dir: Path, run: str | None, settings: 
     name = run or f"quantize-{model_dir.resolve().name}"
     return {"run": name, "runs_dir": str(runs_dir), "stages": ["quantize"],
             "quantize": {**settings, "model": str(model_dir.resolve())}}
+
+
+def quantize_model(model_dir: Path, calibration: list[str], overrides: list[str], *, run: str | None,
+                   runs_dir: Path, address: str | None = None) -> str:
+    """`aero quantize MODEL_DIR`: the quantize stage as a run of its own; returns the quality
+    table and where the AWQ checkpoint is."""
+    from cluster.config import apply_overrides, build_recipe
+    from cluster.runner import run_stage
+
+    settings = apply_overrides({"calibration": {"sources": list(calibration)}}, overrides)
+    recipe = build_recipe(quantize_recipe(model_dir, runs_dir, run, settings), source="aero quantize")
+    if address:
+        recipe.ray.address = address
+    manifest = run_stage(recipe, "quantize")
+    stage_dir = recipe.run_dir / "quantize"
+    return ((stage_dir / "quant.md").read_text() + "\n"
+            + f"quantize: {manifest.status}; AWQ checkpoint {manifest.outputs['model'].path}; table {stage_dir / 'quant.json'}")

@@ -50,7 +50,7 @@ def run_training(cfg: PretrainConfig, plan: dict[str, Any], env) -> dict[str, An
     import torch
     import torch.distributed as dist
 
-    from jobs.deepspeed_config import deepspeed_config
+    from jobs.training_config import deepspeed_config
     from jobs.model_factory import build_model, flops_per_token, llama_config
 
     if not cfg.scaling.use_gpu:
@@ -129,7 +129,7 @@ def run_training(cfg: PretrainConfig, plan: dict[str, Any], env) -> dict[str, An
             engine.save_checkpoint(tmp, tag="ckpt", client_state={"step": step, "consumed": consumed})
             env.report(metrics, checkpoint_dir=tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-        elif step % cfg.report_every == 0:
+        elif step % cfg.log_every == 0:
             env.report(metrics)  # a report is a barrier across workers: not every step
     env.close()
     return metrics

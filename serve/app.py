@@ -98,20 +98,17 @@ def model_paths(ctx: StageContext, cfg: ServeConfig) -> dict[str, str]:
     """Folders of the local models, the moderation classifier / guard model and the Q&A index,
     the audit log file and the feedback database (stage names resolve to their outputs in
     this run)."""
-    from jobs.posttrain import _is_folder, model_dir
     from serve.feedback.store import sqlite_url
 
-    paths = {m.name: str(model_dir(ctx, m.source).resolve()) for m in cfg.models if m.source}
+    paths = {m.name: str(ctx.model_dir(m.source).resolve()) for m in cfg.models if m.source}
     mod = cfg.moderation
     if mod.enabled:
-        ref = mod.classifier
-        paths[CLASSIFIER] = str((Path(ref) if _is_folder(ref) else ctx.upstream_output(ref, "classifier")).resolve())
+        paths[CLASSIFIER] = str(ctx.resolve(mod.classifier, "classifier").resolve())
         if mod.guard_model:
-            paths[GUARD] = str(model_dir(ctx, mod.guard_model).resolve())
+            paths[GUARD] = str(ctx.model_dir(mod.guard_model).resolve())
         paths[AUDIT] = str(Path(mod.audit_log or ctx.stage_dir / "moderation_audit.jsonl").expanduser().resolve())
     if cfg.qa.index:
-        ref = cfg.qa.index
-        paths[QA_INDEX] = str((Path(ref) if _is_folder(ref) else ctx.upstream_output(ref, "index")).expanduser().resolve())
+        paths[QA_INDEX] = str(ctx.resolve(cfg.qa.index, "index").resolve())
     if cfg.feedback.enabled:
         paths[FEEDBACK] = cfg.feedback.database or sqlite_url(ctx.stage_dir / "feedback.db")
     return paths
@@ -151,14 +148,43 @@ def run(ctx: StageContext, cfg: ServeConfig) -> StageResult:
 
 
 def _inputs(ctx: StageContext, cfg: ServeConfig) -> dict[str, str]:
-    from jobs.posttrain import _is_folder
-
     refs = [m.source for m in cfg.models if m.source]
     if cfg.moderation.enabled:
         refs += [cfg.moderation.classifier] + ([cfg.moderation.guard_model] if cfg.moderation.guard_model else [])
     if cfg.qa.index:
         refs.append(cfg.qa.index)
-    return {f"stage:{ref}": ctx.upstream(ref).output_id for ref in refs if not _is_folder(ref)}
+    return ctx.fingerprints(refs)
+
+
+def status(recipe) -> str:
+    """`aero serve CONFIG --status`: every Serve application on the recipe's cluster and its
+    deployments' replica states."""
+    from ray import serve
+
+    from cluster.ray_session import connect_ray
+
+    def plain(value) -> str:  # Ray's status enums print as `ApplicationStatus.RUNNING`
+        return str(getattr(value, "value", value))
+
+    connect_ray(recipe.ray)
+    lines = []
+    for name, app_status in serve.status().applications.items():
+        lines.append(f"{name}: {plain(app_status.status)}")
+        for dep, d in app_status.deployments.items():
+            replicas = ", ".join(f"{n} {plain(state)}" for state, n in d.replica_states.items())
+            lines.append(f"  {dep}: {plain(d.status)} (replicas: {replicas or 'none'})")
+    return "\n".join(lines) or "serve: no applications"
+
+
+def shutdown(recipe) -> str:
+    """`aero serve CONFIG --shutdown`: stop every Serve application on the recipe's cluster."""
+    from ray import serve
+
+    from cluster.ray_session import connect_ray
+
+    connect_ray(recipe.ray)
+    serve.shutdown()
+    return "serve: shut down"
 
 
 def memory_needs(recipe, cfg: ServeConfig) -> list:

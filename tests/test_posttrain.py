@@ -157,7 +157,7 @@ def test_malformed_user_records_are_reported_and_the_good_ones_kept(post_run, tm
 
 def test_post_training_configs_are_checked_before_workers_start(post_run):
     with pytest.raises(ConfigError, match="not divisible by num_generations 3"):
-        build_recipe({"run": "x", "grpo": {"per_device_batch": 4, "num_generations": 3}})
+        build_recipe({"run": "x", "grpo": {"micro_batch": 4, "num_generations": 3}})
     with pytest.raises(ConfigError, match="rule_rewards"):
         build_recipe({"run": "x", "grpo": {"rule_rewards": {"made_up": 1.0}}})
     import shutil
@@ -177,15 +177,16 @@ def test_the_gpu_deepspeed_config_is_accepted_by_transformers(post_run, tmp_path
     import trl
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    from jobs.posttrain_config import DPOConfig, common_args, deepspeed_dict
+    from jobs.posttrain_config import DPOConfig, common_args
+    from jobs.training_config import deepspeed_config
 
     for zero in (2, 3):
         cfg = DPOConfig.model_validate({"zero_stage": zero, "offload_optimizer": True, "scaling": {"use_gpu": True}})
         args = trl.DPOConfig(**{**common_args(cfg, str(tmp_path), 128), "use_cpu": True, "bf16": False, "deepspeed": None})
-        ds = HfTrainerDeepSpeedConfig(deepspeed_dict(cfg))
+        ds = HfTrainerDeepSpeedConfig(deepspeed_config(cfg, for_hf_trainer=True))
         ds.trainer_config_process(args)
         filled = ds.config
-        assert filled["train_micro_batch_size_per_gpu"] == cfg.per_device_batch
+        assert filled["train_micro_batch_size_per_gpu"] == cfg.micro_batch
         assert filled["gradient_accumulation_steps"] == cfg.grad_accum and filled["gradient_clipping"] == 1.0
         assert filled["zero_optimization"]["stage"] == zero and ds.is_zero3() == (zero == 3)
         assert filled["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

@@ -16,7 +16,7 @@ from cluster.config import build_recipe
 from cluster.errors import ConfigError, UserError
 from cluster.manifest import read_manifest
 from cluster.runner import run_stage
-from jobs.pretrain import read_history
+from cluster.records import read_history
 from tests.conftest import copy_corpus
 
 PRETRAIN = {

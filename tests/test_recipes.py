@@ -26,8 +26,7 @@ def test_gpu_recipes_load_and_fit_the_cluster(name, nodes_used):
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     from cluster.config import load_recipe
-    from jobs.deepspeed_config import deepspeed_config
-    from jobs.posttrain_config import deepspeed_dict
+    from jobs.training_config import deepspeed_config
 
     recipe = load_recipe(REPO / "configs" / f"{name}.yaml", [])
     nodes, gpus_per_node, cpus_per_node = _gpu_pool()
@@ -37,7 +36,7 @@ def test_gpu_recipes_load_and_fit_the_cluster(name, nodes_used):
         assert cfg.scaling.use_gpu, stage
         assert workers == nodes_used * gpus_per_node <= nodes * gpus_per_node, stage  # one worker per GPU
         assert cfg.scaling.cpus_per_worker * gpus_per_node <= cpus_per_node, stage
-        ds = deepspeed_config(cfg) if stage == "pretrain" else deepspeed_dict(cfg)
+        ds = deepspeed_config(cfg, for_hf_trainer=stage != "pretrain")
         DeepSpeedZeroConfig(**ds["zero_optimization"])  # DeepSpeed's own validation of the ZeRO section
         assert ds["zero_optimization"]["stage"] == cfg.zero_stage >= 1
     pre = recipe.stage_config("pretrain")

@@ -22,6 +22,7 @@ from cluster.artifact_store import join_uri
 from cluster.config import nested
 from cluster.errors import UserError
 from cluster.manifest import atomic_write_text
+from cluster.records import plot_curves
 from cluster.stage import Stage, StageContext, StageResult
 from tune.search_config import TuneConfig, check_space
 
@@ -121,24 +122,12 @@ def summarize(cfg: TuneConfig, results) -> tuple[list[dict[str, Any]], dict[str,
 
 
 def _plot(cfg: TuneConfig, results, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    series = {}
     for r in results:
         df = r.metrics_dataframe
         if df is not None and cfg.metric in df and "step" in df:
-            ax.plot(df["step"], df[cfg.metric], "o-", label=Path(r.path).name[-18:])
-    ax.set_xlabel("step")
-    ax.set_ylabel(cfg.metric)
-    ax.set_title(f"tune: {cfg.metric} per trial")
-    if len(results) <= 12:
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            series[Path(r.path).name[-18:]] = list(zip(df["step"], df[cfg.metric]))
+    plot_curves(series, path, ylabel=cfg.metric, title=f"tune: {cfg.metric} per trial")
 
 
 def _tuned_section(ctx: StageContext, cfg: TuneConfig) -> dict[str, Any]:

@@ -106,6 +106,8 @@ def check_space(cfg: TuneConfig, stage_model: type[StrictModel], base: dict[str,
 
     # A trial runs in one process: check the section the way a trial will see it.
     section = deep_merge(deep_merge(base, {"scaling": {"num_workers": 1}}), nested(cfg.trial))
+    if section.get("warmup_steps", 0) >= section.get("steps", 1):  # a short trial warms up for a tenth of it
+        section["warmup_steps"] = section["steps"] // 10
     try:
         stage_model.model_validate(section)
     except ValidationError as e:

@@ -3,7 +3,7 @@ the stage's config.
 
 `pretrain`: the per-worker loop (`jobs.train_loop.run_training`); every evaluation is
 reported to Tune with a checkpoint (ASHA stops on it, PBT exploits it, a restored search
-resumes from it), so the trial config sets checkpoint_every = report_every = eval_every.
+resumes from it), so the trial config sets checkpoint_every = log_every = eval_every.
 `sft`, `reward`, `dpo`, `grpo`: the stage's TRL trainer (`jobs.trl_worker.build_trainer`);
 every log that carries the metric (eval logs at `eval_every`, GRPO's training reward) is
 reported; an unfinished TRL trial of a restored search starts again from step 0."""
@@ -39,7 +39,7 @@ def trial_section(section: dict[str, Any], sampled: dict[str, Any]) -> dict[str,
     evaluation reported with a checkpoint."""
     merged = deep_merge(section, nested(sampled))
     every = merged.get("eval_every", 20)
-    return deep_merge(merged, {"checkpoint_every": every, "report_every": every,
+    return deep_merge(merged, {"checkpoint_every": every, "log_every": every,
                                "scaling": {"num_workers": 1, "threads_per_worker": 1}})
 
 

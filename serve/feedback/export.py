@@ -16,6 +16,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from cluster.errors import UserError
 from cluster.manifest import atomic_write_text
 from data_jobs.chat_records import RecordError, preference_record, sft_record
 from serve.feedback.store import FeedbackStore
@@ -89,3 +90,31 @@ def export(url: str, out: Path) -> dict:
              "preferences": str(out / "preferences.jsonl"), "sft": str(out / "sft.jsonl")}
     atomic_write_text(out / "export.json", json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def export_from(source: str, out: Path | None = None) -> str:
+    """`aero feedback export`: `source` is a recipe (the database its deployed serve stage names
+    in endpoint.json), a SQLite file or a SQLAlchemy URL; returns the one-line summary."""
+    from serve.feedback.store import sqlite_url
+
+    if source.endswith((".yaml", ".yml")):
+        from cluster.config import load_recipe
+        from serve.endpoint import read_endpoint
+
+        recipe = load_recipe(Path(source))
+        url = read_endpoint(recipe).get("feedback_db")
+        if not url:
+            raise UserError(f"{source}: its serve stage runs without feedback, so there is no database")
+        out = out or recipe.run_dir / "feedback"
+    elif "://" in source:
+        url = source
+    else:
+        if not Path(source).expanduser().is_file():
+            raise UserError(f"{source}: no such feedback database (give a recipe, a SQLite file or a SQLAlchemy URL)")
+        url = sqlite_url(Path(source).expanduser())
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no feedback database at {url.removeprefix('sqlite:///')} (is the serve stage running?)")
+    stats = export(url, out or Path("feedback"))
+    return (f"feedback: {stats['preference_pairs']} preference pairs -> {stats['preferences']}; "
+            f"{stats['sft_examples']} SFT examples -> {stats['sft']} (from {stats['replies']} replies, "
+            f"{stats['ratings']} ratings, {stats['comparisons']} comparisons; skipped {stats['skipped'] or 'none'})")

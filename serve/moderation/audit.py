@@ -111,3 +111,18 @@ def report_text(rep: dict) -> str:
     if rep["unreadable_lines"]:
         lines.append(f"({rep['unreadable_lines']} unreadable lines skipped)")
     return "\n".join(lines)
+
+
+def report_for(source: Path, since: str = "24h", as_json: bool = False) -> str:
+    """`aero moderation report`: the report of an audit log file, or of a recipe's deployed
+    serve stage (the log its endpoint.json names), as text or JSON."""
+    if source.suffix in (".yaml", ".yml"):
+        from cluster.config import load_recipe
+        from serve.endpoint import read_endpoint
+
+        logged = read_endpoint(load_recipe(source)).get("audit_log")
+        if not logged:
+            raise UserError(f"{source}: its serve stage runs without moderation, so there is no audit log")
+        source = Path(logged)
+    rep = report(source.expanduser(), parse_window(since))
+    return json.dumps(rep, indent=2) if as_json else report_text(rep)

@@ -19,7 +19,7 @@ from pydantic import Field
 from cluster.config import StrictModel
 from cluster.errors import UserError
 from cluster.manifest import atomic_write_text, sha256_file
-from cluster.stage import Stage, StageContext, StageResult
+from cluster.stage import Stage, StageContext, StageResult, is_folder_ref
 
 QUESTIONS = Path(__file__).with_name("questions.jsonl")
 
@@ -35,9 +35,7 @@ class QAIndexConfig(StrictModel):
 
 
 def _is_stage(source: str) -> bool:
-    from jobs.posttrain import _is_folder
-
-    return not _is_folder(source)
+    return not is_folder_ref(source)
 
 
 def questions_file(cfg: QAIndexConfig) -> Path | None:
@@ -125,12 +123,7 @@ def run(ctx: StageContext, cfg: QAIndexConfig) -> StageResult:
 
 
 def _inputs(ctx: StageContext, cfg: QAIndexConfig) -> dict[str, str]:
-    from cluster.manifest import hash_path
-
-    if _is_stage(cfg.source):
-        out = {f"stage:{cfg.source}": ctx.upstream(cfg.source).output_id}
-    else:
-        out = {cfg.source: hash_path(Path(cfg.source).expanduser())}
+    out = ctx.fingerprints([cfg.source])
     path = questions_file(cfg)
     if path is not None:
         if not path.is_file():
