@@ -30,8 +30,9 @@ demo: setup
 test: setup browser
 	$(PY) -m pytest -q
 
+# The unit tier: no Ray, under a minute.
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q tests/unit
 
 clean:
 	rm -rf runs .pytest_cache

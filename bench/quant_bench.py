@@ -29,9 +29,9 @@ def shipped_autoawq(model_dir: Path, out: Path, calib, group_size: int) -> Path:
     from awq import AutoAWQForCausalLM
     from transformers import AutoTokenizer
 
-    from jobs.awq_quantize import _quantizers
+    from jobs.awq_quantize import use_cpu_kernels
 
-    _quantizers()  # only to switch autoawq's CPU kernels off triton
+    use_cpu_kernels()
     model = AutoAWQForCausalLM.from_pretrained(str(model_dir))
     model.quantize(AutoTokenizer.from_pretrained(model_dir),
                    quant_config={"zero_point": True, "q_group_size": group_size, "w_bit": 4, "version": "GEMM"},

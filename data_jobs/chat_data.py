@@ -163,7 +163,7 @@ def corpus_pairs(documents: list[dict], cfg: ChatDataConfig) -> dict[str, list[d
 
 # ---------------------------------------------------------------- the stage
 
-def _length_check(tokenizer, max_length: int):
+def length_check(tokenizer, max_length: int):
     """A record's templated prompt + answer must fit the model's context."""
 
     def fits(record: dict) -> str | None:
@@ -204,7 +204,7 @@ def run(ctx: StageContext, cfg: ChatDataConfig) -> StageResult:
     table = pads.dataset(str(documents_dir), format="parquet").to_table(columns=["doc_id", "kind", "text", "split"])
     datasets = corpus_pairs(table.to_pylist(), cfg)
 
-    fits = _length_check(tokenizer, max_length)
+    fits = length_check(tokenizer, max_length)
     problems: list[Problem] = []
     too_long = {}
     for name in list(datasets):  # corpus pairs obey the same length rule, counted as dropped

@@ -20,16 +20,22 @@ from cluster.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def _quantizers():
-    """The two quantizer classes; built lazily because importing autoawq is slow and noisy."""
+def use_cpu_kernels() -> None:
+    """Without CUDA, keep autoawq's packed layers off triton: with triton importable,
+    WQLinear_GEMM takes its triton path even on CPU and fails."""
     import awq.modules.linear.gemm as gemm
     import torch
+
+    if not torch.cuda.is_available():
+        gemm.TRITON_AVAILABLE = False
+
+
+def _quantizers():
+    """The two quantizer classes; built lazily because importing autoawq is slow and noisy."""
     from awq.quantize.quantizer import AwqQuantizer
     from awq.utils.module import get_op_name
 
-    if not torch.cuda.is_available():
-        # With triton importable, WQLinear_GEMM takes its triton path even on CPU and fails.
-        gemm.TRITON_AVAILABLE = False
+    use_cpu_kernels()
 
     class CpuSafeAwqQuantizer(AwqQuantizer):
         def _compute_best_scale(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs={}):

@@ -1,10 +1,10 @@
-"""The `aero` command line: help everywhere, versions, and user errors as one line with exit 2."""
+"""The `aero` command line without Ray: help everywhere, versions, and user errors as one line with exit 2."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.conftest import REPO, aero
+from tests.conftest import aero
 
 COMMANDS = [
     [], ["run"], ["pipeline"], ["submit"], ["version"], ["jobs"], ["jobs", "list"], ["jobs", "logs"],
@@ -52,10 +52,3 @@ def test_submit_outside_project_is_refused_before_contacting_ray(tmp_path):
     assert "inside the project folder" in result.stderr
 
 
-def test_submit_warns_when_the_run_folder_would_stay_in_the_jobs_temporary_folder(ray_cluster):
-    recipe = REPO / "tests" / "data" / "submit-recipe.yaml"  # runs_dir: the default, relative
-    # An explicit --address wins over RAY_ADDRESS (here a live cluster that Ray's own client
-    # would pick instead): the job is not sent anywhere else.
-    result = aero("submit", "data", str(recipe), "--address=http://127.0.0.1:9", env={"RAY_ADDRESS": ray_cluster["address"]})
-    assert result.returncode == 2 and "cannot reach the Ray Jobs API" in result.stderr
-    assert "warning: runs_dir 'runs' is relative" in result.stderr and "storage: s3://" in result.stderr

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.serving.conftest import KEY
+from tests.integration.serving.conftest import KEY
 
 HARMFUL = "I'm going to hunt you down and beat you until you can't walk, you worthless idiot."
 
@@ -112,7 +112,7 @@ def test_compare_mode_stores_a_preference_that_export_turns_into_a_dpo_pair(gate
     from selenium.webdriver.common.by import By
     from transformers import AutoTokenizer
 
-    from data_jobs.chat_data import _length_check
+    from data_jobs.chat_data import length_check
     from data_jobs.chat_records import load_records, preference_record
 
     d = browser
@@ -143,7 +143,7 @@ def test_compare_mode_stores_a_preference_that_export_turns_into_a_dpo_pair(gate
     # (at lister's context length: its answers are long).
     tokenizer = AutoTokenizer.from_pretrained(post_run / "sft" / "model")
     problems = []
-    good = load_records(tmp_path / "preferences.jsonl", preference_record, _length_check(tokenizer, 1024), problems)
+    good = load_records(tmp_path / "preferences.jsonl", preference_record, length_check(tokenizer, 1024), problems)
     assert len(good) == len(pairs) and not problems
 
 

@@ -31,7 +31,7 @@ def _write_recipe(runs: Path, port: int) -> Path:
         "tokenizer: {vocab_size: 512, seq_len: 64}\n"
         f"pretrain: {{steps: {STEPS}, global_batch: 8, micro_batch: 2, warmup_steps: 2, lr: 3.0e-3,\n"
         f"           checkpoint_every: {EVERY}, eval_every: 12, scaling: {{num_workers: 2}}}}\n"
-        # Moderation, Q&A and feedback are exercised on the full chain (tests/serving/).
+        # Moderation, Q&A and feedback are exercised on the full chain (tests/integration/serving/).
         f"serve: {{port: {port}, ingress: {{num_cpus: 0}}, moderation: {{enabled: false}}, feedback: {{enabled: false}},\n"
         "        models: [{name: base, source: pretrain, deployment: {num_cpus: 0}}]}\n"
     )
@@ -128,3 +128,4 @@ def test_pipeline_killed_during_pretraining_resumes_from_its_checkpoint_on_rerun
     chain = aero("runs", "show", "e2e", f"--runs-dir={tmp_path}", "--lineage")
     assert chain.returncode == 0 and "<- tokenizer: finished" in chain.stdout and "<- data: finished" in chain.stdout
     assert f"stored at file://{tmp_path}/store/e2e/pretrain" in chain.stdout
+

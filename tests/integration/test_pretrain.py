@@ -167,3 +167,4 @@ def test_optimizer_offload_and_activation_checkpointing_train(corpus_run, tmp_pa
     assert [h["step"] for h in history] == list(range(1, 7))
     assert history[-1]["loss"] < history[0]["loss"] and history[-1]["val_loss"] is not None
     assert (tmp_path / "checkpoints/step-6").is_dir()
+

@@ -61,3 +61,4 @@ def test_union_find_keeps_smallest_id_deterministically():
 def test_bands_must_fit_permutations():
     with pytest.raises(ValidationError, match="exceeds num_perm"):
         DedupConfig(num_perm=64, bands=16, rows=8)
+

@@ -56,3 +56,4 @@ def test_the_gpu_1b_recipe_shards_what_a_single_gpu_cannot_hold():
     recipe = load_recipe(REPO / "configs" / "gpu-1b.yaml", [])
     pre = recipe.stage_config("pretrain")
     assert pre.model.preset == "1b" and pre.zero_stage == 3 and pre.activation_checkpointing
+

@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from cluster.cli import app
 from cluster.manifest import read_manifest, write_manifest
-from data_jobs.documents import normalize_text
 from tests.conftest import REPO, write_recipe
 
 VIETNAMESE = "Tiếng Việt: người, đường, nghiêng, Hà Nội."
@@ -35,14 +34,6 @@ def rejects_of(stage: Path) -> dict[str, str]:
     for f in sorted((stage / "rejects").glob("*.json")):
         rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     return {r["doc_id"].split("/")[-1]: r["reason"] for r in rows}
-
-
-def test_normalize_keeps_vietnamese_composed_repairs_mojibake_and_cleans_layout():
-    decomposed = unicodedata.normalize("NFD", VIETNAMESE)
-    assert decomposed != VIETNAMESE and normalize_text(decomposed) == VIETNAMESE
-    assert normalize_text("a\x00b\x1bc\r\nd  \n\n\n\ne\x85") == "abc\nd\n\ne"
-    assert normalize_text("The cafÃ© serves crÃ¨me brÃ»lÃ©e") == "The café serves crème brûlée"
-    assert normalize_text("“curly” quotes and ﬁ ligature stay") == "“curly” quotes and ﬁ ligature stay"
 
 
 def test_bad_inputs_are_rejected_with_reasons_and_good_documents_kept(ray_cluster, tmp_path):
@@ -192,3 +183,4 @@ def test_sources_can_be_storage_uris(ray_cluster, tmp_path):
     assert all(s.startswith("file://") for s in docs["source"])
     sources = json.loads((tmp_path / "runs/uri/data/sources.json").read_text())
     assert len(sources[0]["files"]) == 2
+

@@ -96,3 +96,4 @@ def test_every_shipped_recipe_validates():
         recipe = load_recipe(path)
         for name in recipe.stages:
             recipe.stage_config(name)
+

@@ -89,3 +89,4 @@ def test_a_second_pipeline_run_skips_every_finished_stage(post_run):
     assert [m.stage for m in manifests] == CHAIN and all(m.status == "finished" for m in manifests)
     assert sum(line.endswith("skipped") for line in said) == len(CHAIN), said
     assert {stage: read_manifest(post_run / stage).started_at for stage in CHAIN} == before
+

@@ -1,5 +1,5 @@
 """Model compression on CPU: AWQ 4-bit (autoawq) with the RTN baseline, the CPU loader, Wanda
-2:4 and unstructured sparsity, `aero quantize`, and the errors raised before any work."""
+2:4 and unstructured sparsity, and `aero quantize`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.errors import ConfigError, UserError
-from tests.conftest import BASE, aero, recipe
+from tests.conftest import aero
 
 
 def _blocks(run: Path, split: str, n: int):
@@ -48,9 +47,9 @@ def test_the_cpu_loader_matches_autoawqs_own_packed_layer(post_run):
     from safetensors.torch import load_file
 
     from jobs.awq_loader import load_causal_lm
-    from jobs.awq_quantize import _quantizers
+    from jobs.awq_quantize import use_cpu_kernels
 
-    _quantizers()  # CPU: no triton path
+    use_cpu_kernels()
     folder = post_run / "quantize" / "awq-g32"
     state = load_file(str(folder / "model.safetensors"))
     name = "model.layers.1.mlp.down_proj"
@@ -125,30 +124,6 @@ def test_wanda_2of4_leaves_exactly_two_zeros_in_every_group_of_four(post_run):
     assert torch.isfinite(torch.tensor([r["ppl"] for r in rows])).all()
 
 
-def test_quantize_rejects_bad_models_and_group_sizes_before_any_work(tmp_path):
-    from transformers import BertConfig, GPT2Config, LlamaConfig
-
-    from jobs.awq_quantize import check_quantizable
-
-    BertConfig(architectures=["BertForMaskedLM"]).save_pretrained(tmp_path / "bert")
-    GPT2Config(architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / "gpt2")
-    LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=1, num_attention_heads=2,
-                vocab_size=64, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "llama96")
-    cases = {
-        tmp_path / "missing": "no config.json",
-        tmp_path / "bert": "is not a causal language model (bert",
-        tmp_path / "gpt2": "architecture 'gpt2' is not supported by autoawq",
-        tmp_path / "llama96": "group size 128 does not divide the input size of",
-    }
-    for folder, message in cases.items():
-        with pytest.raises(UserError, match=message.replace("(", r"\(")):
-            check_quantizable(folder, [128], apply_clip=True)
-    with pytest.raises(ConfigError, match="zero_point"):
-        recipe(tmp_path, quantize={**BASE["quantize"], "zero_point": False})
-    with pytest.raises(ConfigError, match="multiples of 8"):
-        recipe(tmp_path, quantize={**BASE["quantize"], "group_sizes": [100]})
-
-
 @pytest.mark.slow
 def test_aero_quantize_a_model_folder_with_text_calibration(post_run, tmp_path):
     text = tmp_path / "calib.md"
@@ -168,3 +143,4 @@ def test_aero_quantize_a_model_folder_with_text_calibration(post_run, tmp_path):
     assert result["calibration"].startswith("1 text source") and result["calib_tokens"] == 4 * 64
     assert [r["name"] for r in result["rows"]] == ["fp32", "awq-g64"]
     assert "| awq-g64 | AWQ W4 | 64 |" in ok.stdout
+

@@ -113,3 +113,4 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(tune_ru
     assert len(trials) == 3 and set(trials["status"]) == {"finished"} and set(trials["steps"]) == {24}
     for name, before in done_before.items():
         assert (storage / name / "result.json").read_text() == before, f"finished trial {name} was run again"
+

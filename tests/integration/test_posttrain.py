@@ -270,3 +270,4 @@ def test_tune_searches_a_trl_stage_field(post_run):
     assert trials["eval_loss"].notna().all() and manifest.metrics["trial_steps"] == 8
     best = yaml.safe_load((post_run / "tune/best.yaml").read_text())
     assert set(best["dpo"]) == {"beta", "lr"} and best["dpo"]["beta"] in (0.05, 0.3)
+

@@ -36,3 +36,4 @@ def test_luhn():
 def test_kinds_can_be_switched_off():
     scrubbed, counts = scrub_pii("mail a@b.co from 10.0.0.1", PiiConfig(email=False, keep_private_ips=True))
     assert scrubbed == "mail a@b.co from 10.0.0.1" and not counts
+

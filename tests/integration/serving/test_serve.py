@@ -15,7 +15,7 @@ import pytest
 
 from cluster.errors import ConfigError
 from tests.conftest import recipe
-from tests.serving.conftest import KEY
+from tests.integration.serving.conftest import KEY
 
 
 def _client(gateway, key: str = KEY):
@@ -350,7 +350,7 @@ def test_a_lone_stream_is_sent_finely_though_the_full_batch_interval_is_long(pos
     import asyncio
 
     from serve.llm_server import LLMServer
-    from tests.serving.conftest import _words_model
+    from tests.integration.serving.conftest import _words_model
 
     # No torch_threads here: it would set them for this whole test process.
     server = LLMServer("words", str(_words_model(post_run / "sft" / "model", tmp_path / "m", (" list",))),
