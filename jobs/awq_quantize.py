@@ -32,6 +32,7 @@ def use_cpu_kernels() -> None:
 
 def _quantizers():
     """The two quantizer classes; built lazily because importing autoawq is slow and noisy."""
+    import torch
     from awq.quantize.quantizer import AwqQuantizer
     from awq.utils.module import get_op_name
 
