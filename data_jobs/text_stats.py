@@ -4,7 +4,7 @@ Words are the runs of non-whitespace bytes of the lower-cased UTF-8 text. Each w
 is a polynomial hash over its bytes computed for all words at once with numpy prefix sums
 (wrapping uint64 arithmetic; the odd base has an inverse modulo 2^64), then mixed with the
 splitmix64 finalizer. Hashing word by word in Python costs about as much as all the filters
-together; this is ~20x faster and stable across processes (unlike Python's `hash`).
+together; this is much faster and stable across processes (unlike Python's `hash`).
 """
 
 from __future__ import annotations

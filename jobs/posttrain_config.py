@@ -45,8 +45,8 @@ class SampledPairs(StrictModel):
     best-scored of `samples` answers to a training prompt, rejected = the worst): DPO then
     optimizes what the reward model prefers among answers the policy can give, as GRPO does
     online. The corpus' pairs (right vs wrong-topic/shuffled/truncated text) are far from what
-    the policy says; measured on the tiny recipe, DPO on them widened their margin but left
-    the reward of the policy's answers where SFT's was (win rate 0.52)."""
+    the policy says: DPO on them widened their margin but did not move the reward of the
+    policy's own answers (docs/results.md)."""
 
     reward_stage: str = "reward"
     samples: int = Field(default=4, ge=2, description="answers sampled per training prompt")

@@ -26,9 +26,7 @@ class ModelSpec(StrictModel):
                                       description="after the first token, a stream's tokens are sent at most this "
                                                   "often when max_batch sequences run, several per message, and "
                                                   "proportionally more often with fewer (0: every step); each "
-                                                  "message costs CPU at every hop (measured at 16 streams on 2 "
-                                                  "cores: 100 ms served ~1.4x the tokens/s of 50 ms; 200 ms no more "
-                                                  "than 100 ms)")
+                                                  "message costs CPU at every hop (docs/results.md)")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads of the replica's forward passes "
                                       "(none: what Ray gives the replica, OMP_NUM_THREADS = its num_cpus, at least 1)")
     max_concurrent: int = Field(default=64, ge=1, description="requests in flight per gateway replica; more get 429")

@@ -6,12 +6,10 @@ n-gram scorer over the same classes (`ngrams.py`).
   as sentence-transformers loads it (mean pooling, normalization), fine-tuned end to end (AdamW,
   a few epochs) on `labeled.jsonl` (written for this project, kept in the repo) with each
   example's most specific label as its class. A category's score is the probability of it
-  or one of its sub-categories. Measured (5-fold CV on the training part, FPR <= 0.05):
-  frozen embeddings + a logistic regression reached recall 0.76-0.84 (with character
-  n-gram TF-IDF added); on one of those folds the fine-tuned encoder reached 0.90-0.96
-  against 0.75 frozen. Fine-tuning takes ~2 min on 2 cores (2,188 examples).
+  or one of its sub-categories. Fine-tuned rather than frozen embeddings: out of fold it
+  recalled more at the same false-positive rate (figures: docs/results.md).
 - Lexicon: the word list that `better-profanity` ships. Its own matcher walks every word
-  against every leetspeak variant (0.8 s for 5 KB here), so the list is matched as a set of
+  against every leetspeak variant (slow on long texts), so the list is matched as a set of
   normalized words instead; min(hits, 3) / 3 is the head's 385th input.
 - N-grams: class probabilities are a weighted mean of the fine-tuned head's and a character
   n-gram + word uni/bigram TF-IDF logistic regression's (fit on the same chunks; its C by CV
@@ -19,15 +17,9 @@ n-gram scorer over the same classes (`ngrams.py`).
   The weight depends on what the encoder can read: its tokenizer is uncased and strips
   accents ("tự tử", suicide, reaches it as "tu tu", like "tủ", cupboard), so a chunk whose
   letters carry such marks (Vietnamese: >= 12% of letters in every labeled example, English
-  0%) leans on the n-grams, which keep them. Measured out of fold on the training part
-  (5 folds, 978 examples): ROC AUC on Vietnamese 0.885 fine-tuned vs 0.932 n-grams, on
-  English 0.982 vs 0.899. The two weights are picked by `bench/moderation_bench.py --cv 5`
-  on the training part (never the held-out split): out of fold over 1,485 examples (word
-  n-grams included), recall at FPR <= 0.05 0.829 fine-tuned alone, 0.879 mixed at a fixed
-  1/2, 0.908 with (1/4, 3/4) (0.908 with (1/4, 0.9), 0.910 with (1/2, 3/4): a flat optimum).
-  Tried and dropped: the encoder reading Vietnamese in Telex spelling (marks as letters,
-  "tự tử" -> "tuwj tuwr"; out of fold AUC on Vietnamese 0.906 vs 0.909 accents stripped),
-  two fine-tuned seeds averaged (no gain over one on four held-out draws, twice the cost).
+  0%) leans on the n-grams, which keep them. The two weights are picked out of fold on the
+  training part (never the held-out split) by `bench/moderation_bench.py --cv 5`; what they
+  and the variants tried and dropped measured is in docs/results.md.
 - Long texts are scored in chunks cut at sentence ends; a text's score is its worst chunk's.
 - Operating point: a calibration part of the training data (never trained on, never the
   held-out split) picks the lowest P(not benign) threshold whose false-positive rate on its
@@ -140,9 +132,9 @@ def accented(text: str) -> bool:
 
 def chunks(text: str) -> list[str]:
     """A long text's sentences and lines (pieces of at most CHUNK_CHARS): a mean-pooled
-    embedding of a long window drowns one harmful sentence in benign ones (measured: a threat
-    after 5 KB of documentation was missed with 1000- and 400-char windows), so a long text is
-    scored per sentence and its score is its worst sentence's."""
+    embedding of a long window drowns one harmful sentence in benign ones (a threat after pages
+    of documentation went unseen in wide windows), so a long text is scored per sentence and
+    its score is its worst sentence's."""
     if len(text) <= CHUNK_CHARS:
         return [text]
     pieces = []

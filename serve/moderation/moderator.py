@@ -20,7 +20,7 @@ from serve.moderation.rules import redact, screen_rules, strip_invisible
 
 Direction = Literal["input", "output"]
 # The classifier reads words: a text with fewer than 2 letters/digits ("s.", "\n\n", "!!") embeds to noise
-# that scored up to 0.68 harmful (a tiny model's fragment "s." was withheld as hate). Rules still apply.
+# that can score as harmful (a tiny model's fragment "s." was withheld as hate). Rules still apply.
 _MIN_ALNUM = 2
 _RANK = {"allow": 0, Action.log.value: 1, Action.redact.value: 2, Action.block.value: 3}
 
