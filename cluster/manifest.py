@@ -112,6 +112,19 @@ def hash_path(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_hashes(paths, setting: str) -> dict[str, str]:
+    """sha256 of each file a stage reads from outside the run, keyed by its path; a missing
+    one is a user error naming the config `setting` that points at it."""
+    from cluster.errors import UserError
+
+    out = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"{setting}: {path} does not exist")
+        out[str(path)] = sha256_file(Path(path))
+    return out
+
+
 def fingerprint(stage: str, config: dict[str, Any], inputs: dict[str, str]) -> str:
     """What decides whether a finished stage can be skipped: its name, config and input hashes."""
     payload = json.dumps({"stage": stage, "config": config, "inputs": inputs}, sort_keys=True)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
+
+from cluster.errors import UserError
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
@@ -21,6 +24,21 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
             if line.strip():
                 rows.append(json.loads(line))
     return rows
+
+
+def jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file a user may have written;
+    a line that is not a JSON object stops with an error naming the file and the line."""
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise UserError(f"{path}:{n}: not a JSON line ({exc})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: not a JSON object")
+        yield n, row
 
 
 def read_history(path: Path) -> list[dict]:

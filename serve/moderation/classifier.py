@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.errors import UserError
+from cluster.records import jsonl_objects
 from serve.moderation.moderation_config import CATEGORIES, OPENAI_CATEGORIES, PARENT
 from serve.moderation.ngrams import NgramScorer
 
@@ -66,16 +67,12 @@ def load_labeled(path: str | Path = LABELED) -> list[Example]:
     if not path.is_file():
         raise UserError(f"labeled moderation data {path} does not exist")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            text, labels = row["text"], row.get("labels", [])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{path}:{n}: not a {{'text', 'labels'}} JSON object ({exc})") from None
+    for n, row in jsonl_objects(path):
+        text, labels = row.get("text"), row.get("labels", [])
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"{path}:{n}: `text` must be a non-empty string")
+        if not isinstance(labels, list):
+            raise UserError(f"{path}:{n}: `labels` must be a list of categories")
         unknown = [c for c in labels if c not in CATEGORIES]
         if unknown:
             raise UserError(f"{path}:{n}: unknown categories {unknown} (known: {', '.join(CATEGORIES)})")

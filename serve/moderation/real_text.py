@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from cluster.errors import UserError
+from cluster.records import jsonl_objects
 
 REAL_TEXT = Path(__file__).with_name("real_text.jsonl")
 # Persona and system prompts as deployers and users write them (written for this project; the
@@ -157,15 +158,8 @@ def load_real(path: Path = REAL_TEXT, limit: int | None = None) -> list[dict]:
         raise UserError(f"benign text set {path} does not exist (python -m serve.moderation.real_text builds "
                         f"real_text.jsonl)")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            ok = isinstance(row, dict) and isinstance(row.get("text"), str) and bool(row["text"].strip())
-        except ValueError:
-            ok = False
-        if not ok:
+    for n, row in jsonl_objects(path):
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
             raise UserError(f"{path}:{n}: not a JSON object with a non-empty `text`")
         row.setdefault("source", path.stem)
         if row.setdefault("role", "user") not in ("system", "developer", "user"):

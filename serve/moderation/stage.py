@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from cluster.config import StrictModel
-from cluster.manifest import atomic_write_text, sha256_file
+from cluster.manifest import atomic_write_text, file_hashes
 from cluster.stage import Stage, StageContext, StageResult
 from serve.moderation.moderation_config import CATEGORIES, ModerationConfig
 
@@ -193,16 +193,10 @@ def run(ctx: StageContext, cfg: ModerationStageConfig) -> StageResult:
 
 
 def _inputs(_ctx: StageContext, cfg: ModerationStageConfig) -> dict[str, str]:
-    from cluster.errors import UserError
-
     from serve.moderation.real_text import PERSONAS, REAL_TEXT
 
-    out = {}
-    for path in labeled_files(cfg) + [p for p, on in ((REAL_TEXT, cfg.real_text), (PERSONAS, cfg.personas)) if on]:
-        if not path.is_file():
-            raise UserError(f"moderation.labeled: {path} does not exist")
-        out[str(path)] = sha256_file(path)
-    return out
+    extra = [p for p, on in ((REAL_TEXT, cfg.real_text), (PERSONAS, cfg.personas)) if on]
+    return file_hashes(labeled_files(cfg) + extra, "moderation.labeled")
 
 
 STAGE = Stage(name="moderation", config_model=ModerationStageConfig, run=run, outside_inputs=_inputs,

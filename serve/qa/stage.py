@@ -18,7 +18,8 @@ from pydantic import Field
 
 from cluster.config import StrictModel
 from cluster.errors import UserError
-from cluster.manifest import atomic_write_text, sha256_file
+from cluster.records import jsonl_objects
+from cluster.manifest import atomic_write_text, file_hashes
 from cluster.stage import Stage, StageContext, StageResult, is_folder_ref
 
 QUESTIONS = Path(__file__).with_name("questions.jsonl")
@@ -62,14 +63,8 @@ def documents(ctx: StageContext, cfg: QAIndexConfig) -> list[dict]:
 
 def load_questions(path: Path) -> list[dict]:
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not a JSON line ({e.msg})") from None
-        if not isinstance(q, dict) or not str(q.get("question", "")).strip() or not str(q.get("title", "")).strip():
+    for i, q in jsonl_objects(path):
+        if not str(q.get("question", "")).strip() or not str(q.get("title", "")).strip():
             raise UserError(f"{path}:{i}: needs a non-empty `question` and `title`")
         out.append(q)
     return out
@@ -123,13 +118,8 @@ def run(ctx: StageContext, cfg: QAIndexConfig) -> StageResult:
 
 
 def _inputs(ctx: StageContext, cfg: QAIndexConfig) -> dict[str, str]:
-    out = ctx.fingerprints([cfg.source])
     path = questions_file(cfg)
-    if path is not None:
-        if not path.is_file():
-            raise UserError(f"qa_index.questions: {path} does not exist")
-        out[str(path)] = sha256_file(path)
-    return out
+    return {**ctx.fingerprints([cfg.source]), **file_hashes([path] if path else [], "qa_index.questions")}
 
 
 STAGE = Stage(name="qa_index", config_model=QAIndexConfig, run=run, outside_inputs=_inputs,
