@@ -347,36 +347,18 @@ def cluster_status(
     address: Optional[str] = typer.Option(None, help="Cluster address (default: RAY_ADDRESS, else the local head)."),
 ) -> None:
     """Print the cluster's nodes, resources and dashboard URL."""
-    from cluster.launcher import cluster_status as status
+    from cluster.launcher import cluster_status, status_text
 
-    info = status(address)
-    typer.echo(f"dashboard: {info['dashboard'] or '(none)'}")
-    for node in info["nodes"]:
-        state = "alive" if node["alive"] else "dead"
-        typer.echo(f"node {node['node_id']} {node['address']} {state} {json.dumps(node['resources'])}")
-    typer.echo(f"total: {json.dumps(info['total'])}")
-    typer.echo(f"available: {json.dumps(info['available'])}")
-
-
-def _run_dir(run: str, runs_dir: Path) -> Path:
-    path = Path(run) if Path(run).is_dir() and not (runs_dir / run).is_dir() else runs_dir / run
-    if not path.is_dir():
-        raise UserError(f"run {run!r} not found in {runs_dir}")
-    return path
+    typer.echo(status_text(cluster_status(address)))
 
 
 @runs_app.command("list")
 @user_errors
 def runs_list(runs_dir: Path = typer.Option(Path("runs"), help="Folder that holds run folders.")) -> None:
     """List runs and the status of each stage."""
-    from cluster.manifest import read_manifest
+    from cluster.lineage import runs_summary
 
-    if not runs_dir.is_dir():
-        raise UserError(f"{runs_dir}: no runs folder here")
-    for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
-        stages = [(d.name, read_manifest(d)) for d in sorted(run_dir.iterdir()) if d.is_dir()]
-        summary = ", ".join(f"{name}={m.status}" for name, m in stages if m is not None)
-        typer.echo(f"{run_dir.name}\t{summary or '(no stages)'}")
+    typer.echo(runs_summary(runs_dir))
 
 
 @runs_app.command("show")
@@ -391,27 +373,14 @@ def runs_show(
 ) -> None:
     """Show each stage's manifest: status, config hash, inputs, outputs and metrics; or, with
     --lineage, the chain from a stage back through every artifact to the corpus sources."""
-    from cluster.lineage import lineage, render, run_manifests
+    from cluster.lineage import find_run, lineage, render, show_run
 
-    run_dir = _run_dir(run, runs_dir)
+    run_dir = find_run(run, runs_dir)
     if show_lineage:
         chain = lineage(run_dir, stage)
         typer.echo(json.dumps(chain.to_dict(), indent=2) if as_json else "\n".join(render(chain)))
         return
-    manifests = list(run_manifests(run_dir).values())
-    if as_json:
-        typer.echo(json.dumps([m.model_dump() for m in manifests], indent=2))
-        return
-    for m in manifests:
-        typer.echo(f"{m.stage}: {m.status}  fingerprint {m.fingerprint[:12]}  {m.started_at} -> {m.ended_at or '...'}")
-        for key, value in m.inputs.items():
-            typer.echo(f"  in   {key}: {value[:12]}")
-        for key, art in m.outputs.items():
-            typer.echo(f"  out  {key}: {art.path} sha256 {art.sha256[:12]}")
-        if m.metrics:
-            typer.echo(f"  metrics {json.dumps(m.metrics)}")
-        if m.error:
-            typer.echo(f"  error {m.error}")
+    typer.echo(show_run(run_dir, as_json))
 
 
 @runs_app.command("diff")
@@ -423,9 +392,9 @@ def runs_diff(
     as_json: bool = typer.Option(False, "--json", help="Print the differences as JSON."),
 ) -> None:
     """What changed between two runs, per stage: config fields, source hashes, metrics."""
-    from cluster.lineage import diff, render_diff
+    from cluster.lineage import diff, find_run, render_diff
 
-    a, b = _run_dir(run_a, runs_dir), _run_dir(run_b, runs_dir)
+    a, b = find_run(run_a, runs_dir), find_run(run_b, runs_dir)
     d = diff(a, b)
     typer.echo(json.dumps(d, indent=2) if as_json else "\n".join(render_diff(d, a.name, b.name)))
 
@@ -437,9 +406,10 @@ def runs_report(
     runs_dir: Path = typer.Option(Path("runs"), help="Folder that holds run folders."),
 ) -> None:
     """Write runs/<run>/report.html: stages, pictures, tables, lineage and benchmark figures (offline)."""
+    from cluster.lineage import find_run
     from cluster.report import build_report
 
-    typer.echo(f"report: {build_report(_run_dir(run, runs_dir), _BENCH_RESULTS)}")
+    typer.echo(f"report: {build_report(find_run(run, runs_dir), _BENCH_RESULTS)}")
 
 
 _BENCH_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"

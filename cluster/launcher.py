@@ -4,6 +4,7 @@ Ray's own validation (what `ray up` runs) before anything starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -79,3 +80,14 @@ def cluster_status(address: str | None) -> dict[str, Any]:
         "total": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},
         "available": {k: v for k, v in ray.available_resources().items() if not k.startswith("node:")},
     }
+
+
+def status_text(info: dict[str, Any]) -> str:
+    """`aero cluster status`: what cluster_status returned, one line per node."""
+    lines = [f"dashboard: {info['dashboard'] or '(none)'}"]
+    for node in info["nodes"]:
+        state = "alive" if node["alive"] else "dead"
+        lines.append(f"node {node['node_id']} {node['address']} {state} {json.dumps(node['resources'])}")
+    lines += [f"total: {json.dumps(info['total'])}", f"available: {json.dumps(info['available'])}"]
+    return "\n".join(lines)
+

@@ -163,3 +163,41 @@ def render_diff(d: dict[str, Any], name_a: str, name_b: str) -> list[str]:
         if "outputs" in entry:
             lines.append(f"    outputs {entry['outputs']}")
     return lines
+
+
+def find_run(run: str, runs_dir: Path) -> Path:
+    """A run name in `runs_dir`, or a run folder given as a path."""
+    path = Path(run) if Path(run).is_dir() and not (runs_dir / run).is_dir() else runs_dir / run
+    if not path.is_dir():
+        raise UserError(f"run {run!r} not found in {runs_dir}")
+    return path
+
+
+def runs_summary(runs_dir: Path) -> str:
+    """`aero runs list`: one line per run, the status of each stage."""
+    if not runs_dir.is_dir():
+        raise UserError(f"{runs_dir}: no runs folder here")
+    lines = []
+    for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        stages = [(d.name, read_manifest(d)) for d in sorted(run_dir.iterdir()) if d.is_dir()]
+        summary = ", ".join(f"{name}={m.status}" for name, m in stages if m is not None)
+        lines.append(f"{run_dir.name}\t{summary or '(no stages)'}")
+    return "\n".join(lines) or "(no runs)"
+
+
+def show_run(run_dir: Path, as_json: bool = False) -> str:
+    """`aero runs show`: each stage's status, fingerprint, inputs, outputs and metrics."""
+    manifests = list(run_manifests(run_dir).values())
+    if as_json:
+        return json.dumps([m.model_dump() for m in manifests], indent=2)
+    lines = []
+    for m in manifests:
+        lines.append(f"{m.stage}: {m.status}  fingerprint {m.fingerprint[:12]}  {m.started_at} -> {m.ended_at or '...'}")
+        lines += [f"  in   {key}: {value[:12]}" for key, value in m.inputs.items()]
+        lines += [f"  out  {key}: {art.path} sha256 {art.sha256[:12]}" for key, art in m.outputs.items()]
+        if m.metrics:
+            lines.append(f"  metrics {json.dumps(m.metrics)}")
+        if m.error:
+            lines.append(f"  error {m.error}")
+    return "\n".join(lines)
+
