@@ -10,7 +10,6 @@ a public function of its package, listed in COMMAND_TABLE.
 from __future__ import annotations
 
 import importlib
-
 from typing import Callable
 
 from cluster.errors import UserError
