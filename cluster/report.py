@@ -75,11 +75,17 @@ def build_report(run_dir: Path, bench_results: Path | None = None) -> Path:
                      f"<td>{m.metrics.get('wall_s', '')}</td><td><code>{config_hash(m)}</code></td>"
                      f"<td>{html.escape(metrics)[:400]}</td></tr>")
     parts.append("</table>")
+    warned = [(name, w) for name, m in manifests.items() for w in m.metrics.get("warnings") or []]
+    if warned:  # e.g. the eval stage's reward-hacking guard
+        parts.append("<h2 class=bad>Warnings</h2><ul class=bad>" + "".join(
+            f"<li><a href='#{name}'>{name}</a>: {html.escape(str(w))}</li>" for name, w in warned) + "</ul>")
     for name, m in manifests.items():
         folder = run_dir / name
         parts.append(f"<section id='{name}'><h2>{name}</h2>")
         if m.error:
             parts.append(f"<pre class=bad>{html.escape(m.error)}</pre>")
+        for w in m.metrics.get("warnings") or []:
+            parts.append(f"<p class=bad><strong>Warning:</strong> {html.escape(str(w))}</p>")
         for png in sorted(folder.glob("*.png")):
             data = base64.b64encode(png.read_bytes()).decode()
             parts.append(f"<figure><img alt='{png.name}' src='data:image/png;base64,{data}'>"
@@ -99,7 +105,7 @@ def build_report(run_dir: Path, bench_results: Path | None = None) -> Path:
     rows = _bench_rows(bench_results) if bench_results and bench_results.is_dir() else []
     if rows:
         parts.append("<section><h2>Benchmarks</h2><p>Last figures of each script in "
-                     f"<code>{html.escape(str(bench_results))}</code> (how each is measured: the README).</p>")
+                     f"<code>{html.escape(str(bench_results))}</code> (how each is measured: docs/benchmarks.md).</p>")
         for row in rows:
             parts.append("<table><tr>" + "".join(f"<th>{html.escape(str(k))}</th>" for k in row) + "</tr><tr>"
                          + "".join(f"<td>{html.escape(str(v))}</td>" for v in row.values()) + "</tr></table>")

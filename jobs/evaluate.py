@@ -3,11 +3,18 @@
 - perplexity on the corpus' held-out packed shards, for every model;
 - instruction loss (answer tokens only) on held-out instruction pairs, for every model;
 - reward-model accuracy on held-out preference pairs (overall and per kind of rejected answer);
-- for the policies (SFT, DPO, GRPO): answers to held-out prompts (sampled at the temperature
-  the policies were trained with, the same seed for each) scored by the reward model (mean
-  score, and win rate against the baseline answer to the same prompt, ties counting half),
-  and the mean
-  log-probability margin of chosen over rejected answers.
+- for every model: answers to held-out prompts (sampled at the temperature the policies were
+  trained with, the same seed for each), measured the way a reader sees them
+  (`jobs/text_quality.py`): degeneration (distinct-1/2, repeated 4-grams, answers that end in
+  a loop) and an independent judge, ROUGE-L and chrF against the held-out reference answer;
+  two of them are kept as samples;
+- for the policies (SFT, DPO, GRPO): the same answers scored by the reward model (mean score,
+  and win rate against the baseline answer to the same prompt, ties counting half), and the
+  mean log-probability margin of chosen over rejected answers. The reward model is the one
+  the policies were optimized against, so these figures can rise while the answers get worse;
+- a reward-hacking guard: each model after the baseline whose judge or distinct-2 is below
+  the baseline's (or whose loop share is above it) gets a warning in `eval.json`, `eval.md`
+  and the stage's manifest, saying whether its training reward rose meanwhile.
 Results: `eval.json` and `eval.md`. The stage also writes `lm_eval/`, task files with which
 lm-evaluation-harness scores any exported model on the same held-out data offline:
 `lm_eval --model hf --model_args pretrained=MODEL --include_path RUN/eval/lm_eval --tasks aero_heldout`.
@@ -26,7 +33,7 @@ from pydantic import Field
 from cluster.config import StrictModel
 from cluster.manifest import atomic_write_text
 from cluster.records import read_jsonl
-from cluster.stage import Stage, StageContext, StageResult
+from cluster.stage import Stage, StageContext, StageResult, is_folder_ref
 from jobs.policy_sampling import answer_logprob, reward_score, sample_answers
 
 
@@ -45,6 +52,10 @@ class EvalConfig(StrictModel):
     cpus: float = Field(default=1.0, gt=0, description="CPUs of the evaluation task")
 
 
+# The training reward each post-training stage logs (metrics.jsonl), for the reward-hacking guard.
+TRAINING_REWARD = {"dpo": "rewards/margins", "grpo": "reward"}
+
+
 def _perplexity(model, index: dict, n: int) -> float:
     import numpy as np
     import pyarrow.dataset as pads
@@ -57,7 +68,43 @@ def _perplexity(model, index: dict, n: int) -> float:
     return perplexity(model, ids)
 
 
-def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: dict, data: dict[str, str]) -> dict[str, Any]:
+def reward_trend(history: list[dict], key: str) -> tuple[float, float] | None:
+    """A training reward's mean over the first and the last quarter of its logged steps."""
+    import statistics
+
+    values = [h[key] for h in history if isinstance(h.get(key), (int, float))]
+    if len(values) < 2:
+        return None
+    k = max(1, len(values) // 4)
+    return statistics.fmean(values[:k]), statistics.fmean(values[-k:])
+
+
+def hacking_warnings(quality: dict[str, dict[str, float]], order: list[str], baseline: str,
+                     trends: dict[str, tuple[float, float] | None]) -> list[str]:
+    """A warning for each model after the baseline whose answers read worse than the baseline's
+    by the independent judge or by degeneration; it says when its training reward rose meanwhile."""
+    base = quality.get(baseline)
+    if base is None or baseline not in order:
+        return []
+    warnings = []
+    for name in order[order.index(baseline) + 1:]:
+        q = quality.get(name)
+        if q is None:
+            continue
+        worse = [f"{k} {q[k]:.3f} < {base[k]:.3f}" for k in ("rouge_l", "chrf", "distinct_2") if q[k] < base[k]]
+        if q["loop_share"] > base["loop_share"]:
+            worse.append(f"loop_share {q['loop_share']:.3f} > {base['loop_share']:.3f}")
+        if not worse:
+            continue
+        trend = trends.get(name)
+        rose = f"its training reward rose {trend[0]:.3f} -> {trend[1]:.3f} while " if trend and trend[1] > trend[0] else ""
+        warnings.append(f"{name}: {rose}its answers read worse than {baseline}'s: {', '.join(worse)}"
+                        + (" (reward hacking?)" if rose else ""))
+    return warnings
+
+
+def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: dict, data: dict[str, str],
+             trends: dict[str, tuple[float, float] | None] | None = None) -> dict[str, Any]:
     """Every figure of eval.json; runs inside one Ray task."""
     import statistics
 
@@ -65,15 +112,18 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from jobs.awq_loader import load_causal_lm
+    from jobs.text_quality import degeneration, judge
 
     torch.manual_seed(0)
     sft_val = read_jsonl(Path(data["sft_val"]), cfg.records)
     prefs_val = read_jsonl(Path(data["prefs_val"]), cfg.records)
-    prompts = [r["prompt"] for r in read_jsonl(Path(data["sft_val"]), cfg.prompts)]
+    asked_records = read_jsonl(Path(data["sft_val"]), cfg.prompts)
+    prompts = [r["prompt"] for r in asked_records]
+    references = [r["completion"][0]["content"] for r in asked_records for _ in range(cfg.samples_per_prompt)]
     rm = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
     rm_tok = AutoTokenizer.from_pretrained(reward_model)
     result: dict[str, Any] = {"ppl": {}, "instruction_loss": {}, "mean_reward": {}, "logprob_margin": {},
-                              "win_rate": {}, "samples": {}}
+                              "win_rate": {}, "quality": {}, "samples": {}}
 
     correct = {}
     for r in prefs_val:
@@ -94,16 +144,19 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
             lp, n = answer_logprob(model, tok, r["prompt"], r["completion"][0]["content"])
             total, count = total - lp, count + n
         result["instruction_loss"][name] = total / max(count, 1)
+        answers = sample_answers(model, tok, prompts, samples=cfg.samples_per_prompt, temperature=cfg.temperature,
+                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        asked = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+        result["quality"][name] = {**degeneration(answers), **judge(answers, references)}
+        every_prompt = slice(None, None, cfg.samples_per_prompt)  # two different prompts, not two answers to one
+        result["samples"][name] = [{"prompt": p[-1]["content"][:200], "answer": a[:300]}
+                                   for p, a in list(zip(asked[every_prompt], answers[every_prompt]))[:2]]
         if name in cfg.policies:
             margins = [answer_logprob(model, tok, r["prompt"], r["chosen"][0]["content"])[0]
                        - answer_logprob(model, tok, r["prompt"], r["rejected"][0]["content"])[0] for r in prefs_val]
             result["logprob_margin"][name] = statistics.fmean(margins)
-            answers = sample_answers(model, tok, prompts, samples=cfg.samples_per_prompt, temperature=cfg.temperature,
-                                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-            asked = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
             scores[name] = [reward_score(rm, rm_tok, p, a) for p, a in zip(asked, answers)]
             result["mean_reward"][name] = statistics.fmean(scores[name])
-            result["samples"][name] = [{"prompt": p[-1]["content"][:200], "answer": a[:300]} for p, a in zip(asked[:3], answers[:3])]
     base = scores.get(cfg.baseline)
     for name, own in scores.items():
         if name != cfg.baseline and base is not None:
@@ -111,6 +164,9 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
     for name in ("dpo", "grpo"):
         if name in result["win_rate"]:
             result[f"{name}_win_rate"] = result["win_rate"][name]
+    trends = trends or {}
+    result["training_reward"] = {k: {"first": v[0], "last": v[1]} for k, v in trends.items() if v}
+    result["warnings"] = hacking_warnings(result["quality"], list(models), cfg.baseline, trends)
     result["prompts"] = len(prompts)
     result["answers_per_policy"] = len(prompts) * cfg.samples_per_prompt
     result["sampling"] = {"temperature": cfg.temperature, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens}
@@ -157,17 +213,32 @@ def write_lm_eval_tasks(folder: Path, documents_dir: Path, prefs_val: Path, toke
     return folder
 
 
+QUALITY_COLUMNS = ("rouge_l", "chrf", "distinct_1", "distinct_2", "repeated_4gram_share", "loop_share")
+
+
 def _table(result: dict[str, Any]) -> str:
     models = list(result["ppl"])
-    lines = ["| model | held-out ppl | instruction loss | mean reward | win rate vs baseline | chosen-rejected logp margin |",
-             "|---|---|---|---|---|---|"]
+    quality = result.get("quality", {})
+    lines = ["| model | held-out ppl | instruction loss | ROUGE-L | chrF | distinct-1 | distinct-2 | repeated 4-grams "
+             "| ends in a loop | mean reward* | win rate vs baseline* | chosen-rejected logp margin |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in models:
         cells = [f"{result['ppl'][m]:.2f}", f"{result['instruction_loss'][m]:.3f}"]
+        cells += [f"{quality[m][k]:.3f}" if m in quality else "" for k in QUALITY_COLUMNS]
         cells += [f"{result[k][m]:.3f}" if m in result[k] else "" for k in ("mean_reward", "win_rate", "logprob_margin")]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     by_kind = ", ".join(f"{k} {v:.2f}" for k, v in result["reward_accuracy_by_kind"].items())
-    lines += ["", f"Reward-model accuracy on {result['reward_pairs']} held-out pairs: "
+    lines += ["", "ROUGE-L and chrF: the answers against the held-out reference answers (an independent judge). "
+              "\\* judged by the reward model the policies were optimized against.",
+              "", f"Reward-model accuracy on {result['reward_pairs']} held-out pairs: "
               f"**{result['reward_accuracy']:.3f}** ({by_kind})."]
+    for w in result.get("warnings", []):
+        lines += ["", f"**Warning — {w}**"]
+    for m, samples in result.get("samples", {}).items():
+        lines += ["", f"Answers of `{m}`:"]
+        for s in samples:
+            answer = " ".join(s["answer"].split()) or "(empty)"
+            lines.append(f"- *{' '.join(s['prompt'].split())[:120]}* → {answer[:240]}")
     return "\n".join(lines) + "\n"
 
 
@@ -178,13 +249,20 @@ def run(ctx: StageContext, cfg: EvalConfig) -> StageResult:
     reward_model = str(ctx.model_dir(cfg.reward_stage).resolve())
     index = json.loads(ctx.upstream_output("tokenizer", "index").read_text())
     data = {k: str(ctx.upstream_output("chat_data", k).resolve()) for k in ("sft_val", "prefs_val")}
+    trends = {}
+    for name in cfg.models:
+        if name in TRAINING_REWARD and not is_folder_ref(name):
+            trends[name] = reward_trend(read_jsonl(ctx.upstream_output(name, "metrics")), TRAINING_REWARD[name])
     task = ray.remote(num_cpus=cfg.cpus)(evaluate)
-    result = ray.get(task.remote(cfg, models, reward_model, index, data))
+    result = ray.get(task.remote(cfg, models, reward_model, index, data, trends))
     atomic_write_text(ctx.stage_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(ctx.stage_dir / "eval.md", _table(result))
     tasks = write_lm_eval_tasks(ctx.stage_dir / "lm_eval", ctx.upstream_output("data", "documents"),
                                 Path(data["prefs_val"]), index["tokenizer"])
     metrics = {k: v for k, v in result.items() if isinstance(v, float)}
+    metrics.update({f"{k}_{m}": q[k] for m, q in result["quality"].items() for k in ("rouge_l", "distinct_2")})
+    if result["warnings"]:
+        metrics["warnings"] = result["warnings"]
     return StageResult(outputs={"eval": ctx.stage_dir / "eval.json", "table": ctx.stage_dir / "eval.md",
                                 "lm_eval_tasks": tasks}, metrics=metrics)
 

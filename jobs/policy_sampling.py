@@ -70,8 +70,9 @@ def reward_score(rm, tokenizer, prompt: Messages, answer: str) -> float:
 def ranked_pairs(policy: str, reward_model: str, prompts: list[Messages], *, samples: int, temperature: float,
                  max_new_tokens: int, min_gap: float, seed: int, threads: int = 1) -> dict[str, Any]:
     """DPO pairs from the policy's own answers: per prompt, `samples` answers scored by the reward
-    model, chosen = the best, rejected = the worst, kept when their score gap is above `min_gap`
-    (ties and identical answers teach nothing). Runs as a Ray task of the `dpo` stage."""
+    model, chosen = the best that does not loop (jobs/text_quality.degenerate), rejected = the
+    worst, kept when their score gap is above `min_gap` (ties and identical answers teach
+    nothing); a prompt whose answers all loop gives no pair. Runs as a Ray task of the `dpo` stage."""
     import statistics
 
     import torch
@@ -87,11 +88,17 @@ def ranked_pairs(policy: str, reward_model: str, prompts: list[Messages], *, sam
     rm_tok = AutoTokenizer.from_pretrained(reward_model)
     answers = sample_answers(model, tok, prompts, samples=samples, temperature=temperature,
                              max_new_tokens=max_new_tokens, seed=seed)
-    pairs, gaps, close = [], [], 0
+    from jobs.text_quality import degenerate
+
+    pairs, gaps, close, looping = [], [], 0, 0
     for k, prompt in enumerate(prompts):
         own = answers[k * samples:(k + 1) * samples]
         scored = sorted((reward_score(rm, rm_tok, prompt, a), a) for a in own)
-        (low, worst), (high, best) = scored[0], scored[-1]
+        fluent = [(s, a) for s, a in scored if not degenerate(a)]  # a loop is never the chosen answer
+        if not fluent:
+            looping += 1
+            continue
+        (low, worst), (high, best) = scored[0], fluent[-1]
         if best == worst or high - low <= min_gap:
             close += 1
             continue
@@ -100,4 +107,5 @@ def ranked_pairs(policy: str, reward_model: str, prompts: list[Messages], *, sam
                       "rejected": [{"role": "assistant", "content": worst}],
                       "chosen_score": high, "rejected_score": low})
     return {"pairs": pairs, "stats": {"prompts": len(prompts), "pairs": len(pairs), "too_close": close,
+                                      "all_answers_loop": looping,
                                       "mean_score_gap": statistics.fmean(gaps) if gaps else 0.0}}

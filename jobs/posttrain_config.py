@@ -70,6 +70,9 @@ class GRPOConfig(PostTrainConfig):
     base: str = "sft"
     reward_stage: str = "reward"
     reward_model_weight: float = Field(default=1.0, ge=0)
+    repetition_penalty: float = Field(default=1.0, ge=0, description="weight of TRL's n-gram repetition penalty "
+                                      "reward (trl.rewards.get_repetition_penalty_reward, 0 to -1 per completion), "
+                                      "so that RL does not learn loops; 0: off")
     rule_rewards: dict[Literal["no_repetition", "ends_cleanly", "length"], float] = Field(
         default_factory=dict, description="extra rule rewards from jobs.rewards, name -> weight"
     )

@@ -117,6 +117,12 @@ def build_trainer(kind: str, cfg: PostTrainConfig, paths: dict[str, str], output
         funcs.append(RULE_REWARDS[name])
         weights.append(weight)
         classes.append(None)
+    if cfg.repetition_penalty:
+        from trl.rewards import get_repetition_penalty_reward
+
+        funcs.append(get_repetition_penalty_reward(ngram_size=3, max_penalty=-1.0))  # over completion token ids
+        weights.append(cfg.repetition_penalty)
+        classes.append(None)
     model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=dtype)
     grpo_args = trl.GRPOConfig(
         **args, num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,

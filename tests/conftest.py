@@ -101,13 +101,14 @@ BASE = {
     "dpo": {"steps": 16, "micro_batch": 4, "warmup_steps": 1, "lr": 5e-4, "checkpoint_every": 16},
     "grpo": {"steps": 4, "micro_batch": 4, "warmup_steps": 0, "num_generations": 4, "max_completion_length": 16,
              "checkpoint_every": 4, "rule_rewards": {"no_repetition": 0.5}, "lora": {"enabled": True, "r": 4}},
-    "eval": {"records": 24, "prompts": 8, "max_new_tokens": 16, "ppl_sequences": 16},
+    "eval": {"records": 24, "prompts": 8, "max_new_tokens": 16, "ppl_sequences": 16,
+             "models": ["pretrain", "sft", "dpo", "grpo", "quantize"]},  # quantize: the AWQ copy, as served
     "sparsify": COMPRESS,
     "quantize": {**COMPRESS, "group_sizes": [128, 32]},
     # the recipe's 6 epochs over all 10,000 real texts take minutes; 2 over 1,000 already beat the tests' bars
     "moderation": {"epochs": 2, "real_max": 1000},
 }
-CHAIN = ["data", "tokenizer", "pretrain", "chat_data", "sft", "reward", "dpo", "grpo", "eval", "sparsify", "quantize",
+CHAIN = ["data", "tokenizer", "pretrain", "chat_data", "sft", "reward", "dpo", "grpo", "sparsify", "quantize", "eval",
          "moderation", "qa_index"]
 
 

@@ -18,6 +18,7 @@ from cluster.config import build_recipe
 from cluster.errors import ConfigError, UserError
 from cluster.manifest import read_manifest
 from cluster.runner import run_stage
+from jobs.text_quality import degenerate
 from tests.conftest import BASE, recipe
 
 
@@ -87,6 +88,7 @@ def test_every_trainer_exports_a_loadable_model(post_run):
     assert rm.config.num_labels == 1 and torch.isfinite(rm(input_ids=ids).logits).all()
     grpo_log = _jsonl(post_run / "grpo/metrics.jsonl")
     assert any("rewards/no_repetition/mean" in h for h in grpo_log)  # the rule reward took part
+    assert any("rewards/repetition_penalty_reward/mean" in h for h in grpo_log)  # and TRL's repetition penalty
 
 
 @pytest.mark.slow
@@ -96,8 +98,29 @@ def test_eval_shows_sft_learned_the_task_reward_beats_chance_and_dpo_widens_the_
     assert result["reward_accuracy"] > 0.5 and result["reward_pairs"] >= 10
     assert result["logprob_margin"]["dpo"] > result["logprob_margin"]["sft"]
     assert set(result["win_rate"]) == {"dpo", "grpo"} and all(0 <= v <= 1 for v in result["win_rate"].values())
-    assert set(result["ppl"]) == {"pretrain", "sft", "dpo", "grpo"}
-    assert "| sft |" in (post_run / "eval/eval.md").read_text()
+    assert set(result["ppl"]) == {"pretrain", "sft", "dpo", "grpo", "quantize"}
+    table = (post_run / "eval/eval.md").read_text()
+    assert "| sft |" in table and "ROUGE-L" in table
+
+
+@pytest.mark.slow
+def test_eval_judges_every_models_answers_independently_and_warns_when_they_read_worse(post_run):
+    result = json.loads((post_run / "eval/eval.json").read_text())
+    manifest = read_manifest(post_run / "eval")
+    for name in ("pretrain", "sft", "dpo", "grpo", "quantize"):  # quantize: the AWQ copy of a model, as served
+        q = result["quality"][name]
+        assert 0 <= q["rouge_l"] <= 1 and 0 <= q["chrf"] <= 100 and 0 < q["distinct_2"] <= 1
+        assert 0 <= q["repeated_4gram_share"] <= 1 and 0 <= q["loop_share"] <= 1
+        assert len(result["samples"][name]) == 2 and all(s["prompt"] for s in result["samples"][name])
+        assert f"Answers of `{name}`" in (post_run / "eval/eval.md").read_text()
+    assert set(result["training_reward"]) == {"dpo", "grpo"}
+    sft = result["quality"]["sft"]
+    for name in ("dpo", "grpo"):  # no model reads worse than SFT by the judge without its warning
+        q = result["quality"][name]
+        worse = q["rouge_l"] < sft["rouge_l"] or q["chrf"] < sft["chrf"] or q["distinct_2"] < sft["distinct_2"] \
+            or q["loop_share"] > sft["loop_share"]
+        assert worse == any(w.startswith(f"{name}:") for w in result["warnings"]), (name, q, sft, result["warnings"])
+    assert manifest.metrics.get("warnings", []) == result["warnings"]
 
 
 @pytest.mark.slow
@@ -240,9 +263,11 @@ def test_dpo_on_sampled_pairs_trains_on_the_policys_answers_ranked_by_the_reward
     stage = runs / "dposampled" / "dpo"
     pairs, stats = _jsonl(stage / "pairs_train.jsonl"), manifest.metrics["sampled_pairs"]
     prompts = {json.dumps(r["prompt"]) for r in _jsonl(post_run / "chat_data/sft_train.jsonl")}
-    assert stats["prompts"] == 16 and stats["pairs"] == len(pairs) >= 8 and stats["pairs"] + stats["too_close"] == 16
-    for p in pairs:  # the policy's own answers to training prompts, the reward model's pick first
+    assert stats["prompts"] == 16 and stats["pairs"] == len(pairs) >= 8
+    assert stats["pairs"] + stats["too_close"] + stats["all_answers_loop"] == 16
+    for p in pairs:  # the policy's own answers to training prompts, the reward model's pick first, never a loop
         assert json.dumps(p["prompt"]) in prompts and p["chosen"] != p["rejected"]
+        assert not degenerate(p["chosen"][0]["content"])
         assert p["chosen_score"] > p["rejected_score"]
     assert "model:" not in json.dumps(manifest.inputs) and "stage:reward" in manifest.inputs
     # DPO widened the margin of the pairs it trained on.
