@@ -99,7 +99,7 @@ BASE = {
     "sft": {"steps": 24, "micro_batch": 4, "warmup_steps": 2, "lr": 1e-3, "checkpoint_every": 12},
     "reward": {"steps": 40, "micro_batch": 4, "warmup_steps": 4, "lr": 1e-3, "checkpoint_every": 40},
     "dpo": {"steps": 16, "micro_batch": 4, "warmup_steps": 1, "lr": 5e-4, "checkpoint_every": 16},
-    "grpo": {"steps": 4, "micro_batch": 4, "warmup_steps": 0, "num_generations": 4, "max_completion_length": 16,
+    "grpo": {"steps": 4, "micro_batch": 4, "warmup_steps": 0, "log_every": 1, "num_generations": 4, "max_completion_length": 16,
              "checkpoint_every": 4, "rule_rewards": {"no_repetition": 0.5}, "lora": {"enabled": True, "r": 4}},
     "eval": {"records": 24, "prompts": 8, "max_new_tokens": 16, "ppl_sequences": 16,
              "models": ["pretrain", "sft", "dpo", "grpo", "quantize"]},  # quantize: the AWQ copy, as served
