@@ -44,10 +44,10 @@ class EvalConfig(StrictModel):
     reward_stage: str = "reward"
     ppl_sequences: int = Field(default=64, ge=1)
     records: int = Field(default=256, ge=1, description="held-out instruction / preference records scored (at most)")
-    prompts: int = Field(default=32, ge=1, description="held-out prompts answered by each policy")
+    prompts: int = Field(default=32, ge=1, description="held-out prompts answered by each model")
     max_new_tokens: int = Field(default=48, ge=1)
     temperature: float = Field(default=0.7, ge=0, description="sampling temperature of the answers; 0 = greedy")
-    samples_per_prompt: int = Field(default=2, ge=1, description="answers per prompt and policy (same seed for each policy)")
+    samples_per_prompt: int = Field(default=2, ge=1, description="answers per prompt and model (same seed for each model)")
     seed: int = 0
     cpus: float = Field(default=1.0, gt=0, description="CPUs of the evaluation task")
 
