@@ -12,8 +12,8 @@ from cluster.errors import UserError
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     """The records of a JSONL file that the project wrote itself (blank lines skipped; a file
-    that does not exist yet reads as empty). User files go through their stage's checking
-    loader instead, which names a bad line."""
+    that does not exist yet reads as empty). Files a user may have written go through
+    `jsonl_objects`, which names a bad line."""
     rows: list[dict] = []
     if not Path(path).exists():
         return rows

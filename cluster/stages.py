@@ -37,8 +37,7 @@ STAGE_TABLE: dict[str, str] = {
 def load_stage(name: str) -> Stage:
     if name not in STAGE_TABLE:
         raise UserError(f"unknown stage {name!r} (known: {', '.join(STAGE_TABLE)})")
-    module_name, _, attr = STAGE_TABLE[name].partition(":")
-    stage = getattr(importlib.import_module(module_name), attr)
+    stage = _resolve(STAGE_TABLE[name])
     if not isinstance(stage, Stage) or stage.name != name:
         raise TypeError(f"{STAGE_TABLE[name]} is not the Stage named {name!r}")
     return stage
@@ -55,5 +54,9 @@ COMMAND_TABLE: dict[str, str] = {
 
 def load_command(name: str) -> Callable[..., str]:
     """The public function behind a stage's `aero` command; it returns what the command prints."""
-    module_name, _, attr = COMMAND_TABLE[name].partition(":")
+    return _resolve(COMMAND_TABLE[name])
+
+
+def _resolve(spec: str):
+    module_name, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module_name), attr)

@@ -64,9 +64,11 @@ class TrainingConfig(StrictModel):
         if old:
             raise ValueError("; ".join(f"{k} is no longer a key: use {RENAMED_KEYS[k]}" for k in old))
         if data.get("global_batch", cls.model_fields["global_batch"].default) is None:
-            # no accumulation: one micro-batch per worker per step
+            # no accumulation: one micro-batch per worker per step (a wrong-typed value is left
+            # for field validation to name)
             scaling = data.get("scaling", {})
-            workers = scaling.num_workers if isinstance(scaling, Scaling) else scaling.get("num_workers", 2)
+            workers = scaling.num_workers if isinstance(scaling, Scaling) else (
+                scaling.get("num_workers", 2) if isinstance(scaling, dict) else None)
             micro = data.get("micro_batch", cls.model_fields["micro_batch"].default)
             if isinstance(workers, int) and isinstance(micro, int):
                 data = {**data, "global_batch": micro * workers}

@@ -18,8 +18,8 @@ from pydantic import Field
 
 from cluster.config import StrictModel
 from cluster.errors import UserError
-from cluster.records import jsonl_objects
 from cluster.manifest import atomic_write_text, file_hashes
+from cluster.records import jsonl_objects
 from cluster.stage import Stage, StageContext, StageResult, is_folder_ref
 
 QUESTIONS = Path(__file__).with_name("questions.jsonl")

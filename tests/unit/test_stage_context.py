@@ -72,6 +72,8 @@ def test_pretrain_and_post_training_share_one_batch_vocabulary():
         build_recipe({"run": "x", "sft": {"micro_batch": 2, "global_batch": 10}})
     with pytest.raises(ConfigError, match="warmup_steps 30 must be below steps 30"):
         build_recipe({"run": "x", "grpo": {"warmup_steps": 30}})
+    with pytest.raises(ConfigError, match="sft.scaling: Input should be a valid dictionary"):
+        build_recipe({"run": "x", "sft": {"scaling": 4}})  # a clear error, not a crash in the batch default
 
 
 def test_jsonl_records_and_a_metrics_history_keep_the_last_entry_per_step(tmp_path):
