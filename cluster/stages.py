@@ -22,6 +22,7 @@ STAGE_TABLE: dict[str, str] = {
     "chat_data": "data_jobs.chat_data:STAGE",
     "sft": "jobs.posttrain:SFT",
     "reward": "jobs.posttrain:REWARD",
+    "judge": "jobs.posttrain:JUDGE",
     "dpo": "jobs.posttrain:DPO",
     "grpo": "jobs.posttrain:GRPO",
     "eval": "jobs.evaluate:STAGE",

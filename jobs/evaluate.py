@@ -12,11 +12,18 @@
   and win rate against the baseline answer to the same prompt, ties counting half), and the
   mean log-probability margin of chosen over rejected answers. The reward model is the one
   the policies were optimized against, so these figures can rise while the answers get worse;
-- a reward-hacking guard: each model after the baseline whose judge or distinct-2 is below
-  the baseline's (or whose loop share is above it) gets a warning in `eval.json`, `eval.md`
-  and the stage's manifest, saying whether its training reward rose meanwhile.
-Results: `eval.json` and `eval.md`. The stage also writes `lm_eval/`, task files with which
-lm-evaluation-harness scores any exported model on the same held-out data offline:
+- for every model: the win rate against the baseline's answers under the `judge` stage's
+  reward model (`judge_stage`), trained on the pairs of the other half of the documents: a
+  judge the policies were not optimized against;
+- an lm-evaluation-harness score for every model: `simple_evaluate` on the task files this
+  stage writes to `lm_eval/` (default: `aero_heldout_prefs`, held-out preference pairs as
+  two-way multiple choice, acc and length-normalized acc_norm);
+- a reward-hacking guard: each model after the baseline whose judge, judge win rate or
+  distinct-2 is below the baseline's (or whose loop share is above it) gets a warning in
+  `eval.json`, `eval.md` and the stage's manifest, saying whether its training reward rose
+  meanwhile.
+Results: `eval.json` and `eval.md`. The task files in `lm_eval/` also score any exported
+model offline from the command line:
 `lm_eval --model hf --model_args pretrained=MODEL --include_path RUN/eval/lm_eval --tasks aero_heldout`.
 Hand-written scoring because these metrics need our chat template and reward model on
 pairs; lm-evaluation-harness covers the generic perplexity/multiple-choice part.
@@ -26,7 +33,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -42,6 +49,11 @@ class EvalConfig(StrictModel):
     policies: list[str] = Field(default=["sft", "dpo", "grpo"], description="models whose answers the reward model scores")
     baseline: str = Field(default="sft", description="win rates are against this policy")
     reward_stage: str = "reward"
+    judge_stage: str | None = Field(default=None, description="a reward model trained on data disjoint from "
+                                    "reward_stage's (the `judge` stage): the independent win rate; none: off")
+    lm_eval_tasks: list[Literal["aero_heldout_prefs", "aero_heldout_ppl"]] = Field(
+        default=["aero_heldout_prefs"], description="lm-eval tasks of lm_eval/ scored for every model ([]: off)")
+    lm_eval_limit: int = Field(default=200, ge=1, description="documents per lm-eval task")
     ppl_sequences: int = Field(default=64, ge=1)
     records: int = Field(default=256, ge=1, description="held-out instruction / preference records scored (at most)")
     prompts: int = Field(default=32, ge=1, description="held-out prompts answered by each model")
@@ -92,6 +104,8 @@ def hacking_warnings(quality: dict[str, dict[str, float]], order: list[str], bas
         if q is None:
             continue
         worse = [f"{k} {q[k]:.3f} < {base[k]:.3f}" for k in ("rouge_l", "chrf", "distinct_2") if q[k] < base[k]]
+        if q.get("judge_win_rate", 0.5) < 0.5:
+            worse.append(f"judge win rate {q['judge_win_rate']:.3f} < 0.5")
         if q["loop_share"] > base["loop_share"]:
             worse.append(f"loop_share {q['loop_share']:.3f} > {base['loop_share']:.3f}")
         if not worse:
@@ -103,8 +117,37 @@ def hacking_warnings(quality: dict[str, dict[str, float]], order: list[str], bas
     return warnings
 
 
+def lm_eval_scores(model, tokenizer, tasks: list[str], folder: str, limit: int) -> dict[str, dict[str, float]]:
+    """lm-evaluation-harness's own `simple_evaluate` on an in-memory model, offline."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=16, device="cpu")
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=folder),
+                                  limit=limit, log_samples=False, verbosity="ERROR")
+    return {task: {k.split(",")[0]: v for k, v in figures.items() if k.endswith(",none") and "stderr" not in k}
+            for task, figures in out["results"].items()}
+
+
+def _win_rate(own: list[float], base: list[float]) -> float:
+    import statistics
+
+    return statistics.fmean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(own, base))
+
+
+def _accuracy(rm, rm_tok, pairs: list[dict]) -> tuple[float, dict[str, float], int]:
+    correct: dict[str, list[bool]] = {}
+    for r in pairs:
+        ok = reward_score(rm, rm_tok, r["prompt"], r["chosen"][0]["content"]) > reward_score(rm, rm_tok, r["prompt"], r["rejected"][0]["content"])
+        correct.setdefault(r.get("rejected_kind", "user"), []).append(ok)
+    every = [x for v in correct.values() for x in v]
+    return sum(every) / len(every), {k: sum(v) / len(v) for k, v in sorted(correct.items())}, len(every)
+
+
 def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: dict, data: dict[str, str],
-             trends: dict[str, tuple[float, float] | None] | None = None) -> dict[str, Any]:
+             trends: dict[str, tuple[float, float] | None] | None = None, judge_model: str | None = None,
+             lm_eval_dir: str | None = None) -> dict[str, Any]:
     """Every figure of eval.json; runs inside one Ray task."""
     import statistics
 
@@ -123,18 +166,16 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
     rm = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
     rm_tok = AutoTokenizer.from_pretrained(reward_model)
     result: dict[str, Any] = {"ppl": {}, "instruction_loss": {}, "mean_reward": {}, "logprob_margin": {},
-                              "win_rate": {}, "quality": {}, "samples": {}}
-
-    correct = {}
-    for r in prefs_val:
-        ok = reward_score(rm, rm_tok, r["prompt"], r["chosen"][0]["content"]) > reward_score(rm, rm_tok, r["prompt"], r["rejected"][0]["content"])
-        correct.setdefault(r.get("rejected_kind", "user"), []).append(ok)
-    every = [x for v in correct.values() for x in v]
-    result["reward_accuracy"] = sum(every) / len(every)
-    result["reward_accuracy_by_kind"] = {k: sum(v) / len(v) for k, v in sorted(correct.items())}
-    result["reward_pairs"] = len(every)
+                              "win_rate": {}, "judge_win_rate": {}, "lm_eval": {}, "quality": {}, "samples": {}}
+    result["reward_accuracy"], result["reward_accuracy_by_kind"], result["reward_pairs"] = _accuracy(rm, rm_tok, prefs_val)
+    judge_rm = None
+    if judge_model:
+        judge_rm = (AutoModelForSequenceClassification.from_pretrained(judge_model).eval(),
+                    AutoTokenizer.from_pretrained(judge_model))
+        result["judge_accuracy"] = _accuracy(*judge_rm, prefs_val)[0]
 
     scores: dict[str, list[float]] = {}
+    judged: dict[str, list[float]] = {}
     for name, path in models.items():
         model = load_causal_lm(path)
         tok = AutoTokenizer.from_pretrained(path)
@@ -144,6 +185,8 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
             lp, n = answer_logprob(model, tok, r["prompt"], r["completion"][0]["content"])
             total, count = total - lp, count + n
         result["instruction_loss"][name] = total / max(count, 1)
+        if cfg.lm_eval_tasks and lm_eval_dir:
+            result["lm_eval"][name] = lm_eval_scores(model, tok, cfg.lm_eval_tasks, lm_eval_dir, cfg.lm_eval_limit)
         answers = sample_answers(model, tok, prompts, samples=cfg.samples_per_prompt, temperature=cfg.temperature,
                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         asked = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
@@ -157,10 +200,15 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
             result["logprob_margin"][name] = statistics.fmean(margins)
             scores[name] = [reward_score(rm, rm_tok, p, a) for p, a in zip(asked, answers)]
             result["mean_reward"][name] = statistics.fmean(scores[name])
-    base = scores.get(cfg.baseline)
-    for name, own in scores.items():
-        if name != cfg.baseline and base is not None:
-            result["win_rate"][name] = statistics.fmean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(own, base))
+        if judge_rm is not None:  # every model, the served copy too
+            judged[name] = [reward_score(*judge_rm, p, a) for p, a in zip(asked, answers)]
+    for figure, by_model in (("win_rate", scores), ("judge_win_rate", judged)):
+        base = by_model.get(cfg.baseline)
+        for name, own in by_model.items():
+            if name != cfg.baseline and base is not None:
+                result[figure][name] = _win_rate(own, base)
+    for name, rate in result["judge_win_rate"].items():
+        result["quality"][name]["judge_win_rate"] = rate
     for name in ("dpo", "grpo"):
         if name in result["win_rate"]:
             result[f"{name}_win_rate"] = result["win_rate"][name]
@@ -203,7 +251,7 @@ def write_lm_eval_tasks(folder: Path, documents_dir: Path, prefs_val: Path, toke
             "dataset_kwargs": {"data_files": {"test": str((folder / "heldout_prefs.jsonl").resolve())}},
             "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{context}}",
             "target_delimiter": "", "doc_to_choice": "{{[chosen, rejected]}}", "doc_to_target": 0,
-            "metric_list": [{"metric": "acc"}],
+            "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
         },
     }
     for name, task in tasks.items():
@@ -216,22 +264,34 @@ def write_lm_eval_tasks(folder: Path, documents_dir: Path, prefs_val: Path, toke
 QUALITY_COLUMNS = ("rouge_l", "chrf", "distinct_1", "distinct_2", "repeated_4gram_share", "loop_share")
 
 
+def _lm_eval_cells(result: dict[str, Any], model: str) -> str:
+    figures = result.get("lm_eval", {}).get(model, {})
+    return ", ".join(f"{k} {v:.3f}" for task in figures.values() for k, v in task.items() if isinstance(v, float))
+
+
 def _table(result: dict[str, Any]) -> str:
     models = list(result["ppl"])
     quality = result.get("quality", {})
     lines = ["| model | held-out ppl | instruction loss | ROUGE-L | chrF | distinct-1 | distinct-2 | repeated 4-grams "
-             "| ends in a loop | mean reward* | win rate vs baseline* | chosen-rejected logp margin |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ends in a loop | judge win rate | lm-eval | mean reward* | win rate vs baseline* "
+             "| chosen-rejected logp margin |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in models:
         cells = [f"{result['ppl'][m]:.2f}", f"{result['instruction_loss'][m]:.3f}"]
         cells += [f"{quality[m][k]:.3f}" if m in quality else "" for k in QUALITY_COLUMNS]
+        cells += [f"{result['judge_win_rate'][m]:.3f}" if m in result.get("judge_win_rate", {}) else "",
+                  _lm_eval_cells(result, m)]
         cells += [f"{result[k][m]:.3f}" if m in result[k] else "" for k in ("mean_reward", "win_rate", "logprob_margin")]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     by_kind = ", ".join(f"{k} {v:.2f}" for k, v in result["reward_accuracy_by_kind"].items())
-    lines += ["", "ROUGE-L and chrF: the answers against the held-out reference answers (an independent judge). "
+    judge = (f" The judge reward model (trained on the other half of the pairs): **{result['judge_accuracy']:.3f}**."
+             if "judge_accuracy" in result else "")
+    lines += ["", "ROUGE-L and chrF: the answers against the held-out reference answers; judge win rate: against "
+              "the baseline's answers under a reward model trained on other data than the policies' (both "
+              "independent judges). lm-eval: lm-evaluation-harness on the held-out task files (`lm_eval/`). "
               "\\* judged by the reward model the policies were optimized against.",
               "", f"Reward-model accuracy on {result['reward_pairs']} held-out pairs: "
-              f"**{result['reward_accuracy']:.3f}** ({by_kind})."]
+              f"**{result['reward_accuracy']:.3f}** ({by_kind}).{judge}"]
     for w in result.get("warnings", []):
         lines += ["", f"**Warning — {w}**"]
     for m, samples in result.get("samples", {}).items():
@@ -253,14 +313,18 @@ def run(ctx: StageContext, cfg: EvalConfig) -> StageResult:
     for name in cfg.models:
         if name in TRAINING_REWARD and not is_folder_ref(name):
             trends[name] = reward_trend(read_jsonl(ctx.upstream_output(name, "metrics")), TRAINING_REWARD[name])
-    task = ray.remote(num_cpus=cfg.cpus)(evaluate)
-    result = ray.get(task.remote(cfg, models, reward_model, index, data, trends))
-    atomic_write_text(ctx.stage_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(ctx.stage_dir / "eval.md", _table(result))
+    judge_model = str(ctx.model_dir(cfg.judge_stage).resolve()) if cfg.judge_stage else None
     tasks = write_lm_eval_tasks(ctx.stage_dir / "lm_eval", ctx.upstream_output("data", "documents"),
                                 Path(data["prefs_val"]), index["tokenizer"])
+    task = ray.remote(num_cpus=cfg.cpus)(evaluate)
+    result = ray.get(task.remote(cfg, models, reward_model, index, data, trends, judge_model, str(tasks.resolve())))
+    atomic_write_text(ctx.stage_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(ctx.stage_dir / "eval.md", _table(result))
     metrics = {k: v for k, v in result.items() if isinstance(v, float)}
-    metrics.update({f"{k}_{m}": q[k] for m, q in result["quality"].items() for k in ("rouge_l", "distinct_2")})
+    metrics.update({f"{k}_{m}": q[k] for m, q in result["quality"].items()
+                    for k in ("rouge_l", "distinct_2", "judge_win_rate") if k in q})
+    metrics.update({f"lm_eval_{task}_{k}_{m}": v for m, by_task in result["lm_eval"].items()
+                    for task, figures in by_task.items() for k, v in figures.items() if k == "acc_norm"})
     if result["warnings"]:
         metrics["warnings"] = result["warnings"]
     return StageResult(outputs={"eval": ctx.stage_dir / "eval.json", "table": ctx.stage_dir / "eval.md",
@@ -268,7 +332,7 @@ def run(ctx: StageContext, cfg: EvalConfig) -> StageResult:
 
 
 def _upstream(ctx: StageContext, cfg: EvalConfig) -> dict[str, str]:
-    return ctx.fingerprints(sorted({*cfg.models, cfg.reward_stage}))
+    return ctx.fingerprints(sorted({*cfg.models, cfg.reward_stage, *([cfg.judge_stage] if cfg.judge_stage else [])}))
 
 
 STAGE = Stage(name="eval", config_model=EvalConfig, run=run, needs=("data", "tokenizer", "chat_data"),

@@ -140,7 +140,7 @@ def kv_cache_bytes(shape: ModelShape, *, sequences: int, context: int, gpu: bool
     return 2 * shape.layers * shape.kv_dim * context * sequences * (2 if gpu else 4)
 
 
-POST_TRAINING = ("sft", "reward", "dpo", "grpo")
+POST_TRAINING = ("sft", "reward", "judge", "dpo", "grpo")
 
 
 def model_shape_for(recipe, ref: str) -> ModelShape | None:

@@ -1,10 +1,12 @@
-"""Stages `sft`, `reward`, `dpo` and `grpo`: TRL trainers under Ray Train's TorchTrainer.
+"""Stages `sft`, `reward`, `judge`, `dpo` and `grpo`: TRL trainers under Ray Train's TorchTrainer.
 
 The driver checks the data and the base model, starts N workers (`jobs.trl_worker`), and
 exports the final checkpoint that the workers reported to Ray (so it works when the workers
 are on other nodes) as a Hugging Face model with the tokenizer. Each stage starts from the
 model of the stage named in its `base` (or a model folder), SFT/reward from `pretrain` and
 DPO/GRPO from `sft` by default; GRPO's reward is the `reward` stage's model plus rule rewards.
+`judge` is a second reward model (TRL's RewardTrainer too), trained on the other half of the
+preference pairs, for eval's independent win rate.
 """
 
 from __future__ import annotations
@@ -35,6 +37,22 @@ def _model_sources(cfg: PostTrainConfig) -> dict[str, str]:
 def upstream_inputs(ctx: StageContext, cfg: PostTrainConfig) -> dict[str, str]:
     """Fingerprints of the configurable upstream models, so a changed base reruns the stage."""
     return ctx.fingerprints(_model_sources(cfg).values())
+
+
+def half_of(record: dict) -> str:
+    """`first_half` or `second_half`: corpus pairs by their source document, so every pair of a
+    document lands in the same half; user pairs (all with one file as doc_id) by their prompt."""
+    import xxhash
+
+    key = json.dumps(record["prompt"], sort_keys=True) if record.get("task") == "user" else str(record["doc_id"])
+    return "first_half" if xxhash.xxh64_intdigest(key.encode()) % 2 == 0 else "second_half"
+
+
+def _half_of_pairs(ctx: StageContext, cfg: RewardConfig, source: Path) -> Path:
+    kept = [r for r in read_jsonl(source) if half_of(r) == cfg.pairs]
+    target = ctx.stage_dir / "prefs_train.jsonl"
+    atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    return target
 
 
 def _prompts_with_room(records: list[dict], tokenizer, room: int) -> list[dict]:
@@ -99,6 +117,8 @@ def prepare_paths(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> dict[st
         paths["reward_model"] = str(ctx.model_dir(cfg.reward_stage).resolve())
     if isinstance(cfg, DPOConfig) and cfg.sampled_pairs:
         paths["train"] = str(_sample_pairs(ctx, cfg, base, max_length).resolve())
+    if isinstance(cfg, RewardConfig) and cfg.pairs != "all":
+        paths["train"] = str(_half_of_pairs(ctx, cfg, train).resolve())
     rows = len(read_jsonl(Path(paths["train"])))
     needed = cfg.micro_batch * cfg.scaling.num_workers
     if rows < needed:
@@ -179,12 +199,15 @@ def memory_needs(kind: str, recipe, cfg: PostTrainConfig) -> list:
     )]
 
 
-def _stage(kind: str, config_model: type[PostTrainConfig], description: str) -> Stage:
-    return Stage(name=kind, config_model=config_model, run=partial(run, kind), needs=("chat_data",),
+def _stage(name: str, config_model: type[PostTrainConfig], description: str, kind: str | None = None) -> Stage:
+    """`kind`: the TRL trainer (default: the stage's name)."""
+    kind = kind or name
+    return Stage(name=name, config_model=config_model, run=partial(run, kind), needs=("chat_data",),
                  outside_inputs=upstream_inputs, description=description, memory=partial(memory_needs, kind))
 
 
 SFT = _stage("sft", SFTConfig, "supervised fine-tuning with TRL's SFTTrainer on Ray Train")
 REWARD = _stage("reward", RewardConfig, "reward model with TRL's RewardTrainer on Ray Train")
+JUDGE = _stage("judge", RewardConfig, "eval's independent reward model, on the other half of the pairs", kind="reward")
 DPO = _stage("dpo", DPOConfig, "preference alignment with TRL's DPOTrainer on Ray Train")
 GRPO = _stage("grpo", GRPOConfig, "GRPO with TRL's GRPOTrainer, rewarded by the reward model, on Ray Train")

@@ -36,8 +36,16 @@ class SFTConfig(PostTrainConfig):
 
 
 class RewardConfig(PostTrainConfig):
+    """The `reward` stage's and the `judge` stage's config. With `pairs: first_half` on one and
+    `second_half` on the other, the two reward models learn from the pairs of disjoint halves of
+    the source documents, so the judge that eval asks never saw the data of the reward model the
+    policies were optimized against."""
+
     base: str = "pretrain"
     lr: float = Field(default=1e-3, gt=0)
+    pairs: Literal["all", "first_half", "second_half"] = Field(
+        default="all", description="which training preference pairs: all, or those of one half of the source "
+                                   "documents (by a hash of the document id; user pairs by their prompt)")
 
 
 class SampledPairs(StrictModel):

@@ -16,10 +16,8 @@ from cluster.stage import Stage, StageContext, StageResult
 from serve.serve_config import AuthConfig, ServeConfig
 
 
-def api_key_digests(auth: AuthConfig) -> list[str]:
-    """SHA-256 digests of the keys in `keys_env` and `keys_file`: the replicas never see a key."""
-    from serve.gateway import key_digest
-
+def api_keys(auth: AuthConfig) -> list[str]:
+    """The keys in `keys_env` and `keys_file` (none when auth is off)."""
     if not auth.enabled:
         return []
     keys = [k for k in os.environ.get(auth.keys_env, "").split(",") if k.strip()]
@@ -31,7 +29,14 @@ def api_key_digests(auth: AuthConfig) -> list[str]:
     if not keys:
         raise UserError(f"serve.auth is on but no API keys were found: set {auth.keys_env}=key1,key2 or "
                         f"serve.auth.keys_file (turn auth off only with serve.auth.enabled: false)")
-    return [key_digest(k) for k in keys]
+    return keys
+
+
+def api_key_digests(auth: AuthConfig) -> list[str]:
+    """SHA-256 digests of the keys: the replicas never see a key."""
+    from serve.gateway import key_digest
+
+    return [key_digest(k) for k in api_keys(auth)]
 
 
 def build_app(cfg: ServeConfig, paths: dict[str, str], digests: list[str]):
@@ -143,8 +148,35 @@ def run(ctx: StageContext, cfg: ServeConfig) -> StageResult:
     atomic_write_text(ctx.stage_dir / "endpoint.json", json.dumps(endpoint, indent=2) + "\n")
     print(f"aero: serving {', '.join(endpoint['models'])} at {url}/v1 (OpenAI-compatible)"
           + (f"; chat page {url}/chat, Q&A page {url}/qa" if cfg.pages.enabled else ""))
-    return StageResult(outputs={"endpoint": ctx.stage_dir / "endpoint.json",
-                                "serve_config": ctx.stage_dir / "serve_config.yaml"})
+    outputs = {"endpoint": ctx.stage_dir / "endpoint.json", "serve_config": ctx.stage_dir / "serve_config.yaml"}
+    metrics: dict[str, Any] = {}
+    if cfg.check.enabled:
+        metrics = _demo_check(ctx, cfg, url)
+        outputs["check"] = ctx.stage_dir / "check.json"
+    return StageResult(outputs=outputs, metrics=metrics)
+
+
+def _demo_check(ctx: StageContext, cfg: ServeConfig, url: str) -> dict[str, Any]:
+    """serve/demo_check.py through the live routes; check.json and the manifest's figures."""
+    from serve.demo_check import load_qa_items, markdown, run_check, summary
+
+    check = cfg.check
+    model = check.model or cfg.models[0].name
+    items: list[dict] = []
+    if check.qa_items and cfg.qa.index:
+        try:
+            source = ctx.resolve(check.qa_items, "qa_val")
+        except UserError as exc:  # e.g. serving model folders without the chat_data stage
+            print(f"aero: serve: no Q&A check: {exc}")
+        else:
+            items = load_qa_items(source, check.max_qa_items)
+    keys = api_keys(cfg.auth)
+    result = run_check(url, keys[0] if keys else None, check, model, items, timeout_s=cfg.request_timeout_s)
+    atomic_write_text(ctx.stage_dir / "check.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(ctx.stage_dir / "check.md", markdown(result))
+    figures = summary(result)
+    print("aero: serve check: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()))
+    return figures
 
 
 def _inputs(ctx: StageContext, cfg: ServeConfig) -> dict[str, str]:

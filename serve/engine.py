@@ -34,6 +34,11 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     echo: bool = False  # return the prompt's own log-probabilities (for lm-eval's loglikelihood)
+    # OpenAI's penalties on the generated tokens (count-scaled and once-per-token), and vLLM's
+    # multiplicative one over prompt and generated tokens; logprobs stay the model's own.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -243,16 +248,35 @@ class Engine:
             logits[torch.tensor(rows)[:, None], self._stop_columns] = float("-inf")
         return logits
 
+    @staticmethod
+    def _penalized(logits, seq: Sequence):
+        """`logits` after the sequence's frequency/presence/repetition penalties (vLLM's semantics)."""
+        import torch
+
+        p, out = seq.params, logits.clone()
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({*seq.prompt_ids, *seq.generated}), dtype=torch.long)
+            v = out[seen]
+            out[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if seq.generated and (p.frequency_penalty or p.presence_penalty):
+            ids, counts = torch.tensor(seq.generated, dtype=torch.long).unique(return_counts=True)
+            out[ids] -= p.frequency_penalty * counts.to(out.dtype) + p.presence_penalty
+        return out
+
     def _next(self, seq: Sequence, logits, greedy: int) -> int:
         """Sample one token for `seq` (`greedy`: the argmax of its `logits`), record it, emit
         its text; marks `seq` done when it ends."""
         import torch
 
         p = seq.params
+        scores = logits
+        if p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0:
+            scores = self._penalized(logits, seq)
+            greedy = int(scores.argmax())
         if p.temperature <= 0:
             token = greedy
         else:
-            probs = torch.softmax(logits / p.temperature, dim=-1)
+            probs = torch.softmax(scores / p.temperature, dim=-1)
             if p.top_p < 1.0:
                 sorted_p, order = torch.sort(probs, descending=True)
                 keep = torch.cumsum(sorted_p, 0) - sorted_p < p.top_p

@@ -201,7 +201,7 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
             return await self._remote(spec, "/chat/completions", payload, body, context)
         max_tokens = body.max_completion_tokens or body.max_tokens or spec.default_max_tokens
         req = {"kind": "chat", "messages": messages, "n": body.n, "params": self._params(
-            body, max_tokens, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0),
+            body, spec, max_tokens, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0),
             "max_tokens_default": not (body.max_completion_tokens or body.max_tokens)}
         return await self._local(spec, req, body, chat=True, context=context)
 
@@ -219,14 +219,16 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
             return await self._remote(spec, "/completions", {**await request.json(), "prompt": body.prompt}, body, context)
         max_tokens = body.max_tokens or spec.default_max_tokens
         req = {"kind": "completion", "prompt": body.prompt, "n": body.n, "params": self._params(
-            body, max_tokens, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, echo=body.echo),
+            body, spec, max_tokens, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, echo=body.echo),
             "max_tokens_default": not body.max_tokens}
         return await self._local(spec, req, body, chat=False, context=context)
 
     @staticmethod
-    def _params(body, max_tokens: int, **extra) -> dict[str, Any]:
+    def _params(body, spec: ModelSpec, max_tokens: int, **extra) -> dict[str, Any]:
+        penalties = {k: v if (v := getattr(body, k)) is not None else getattr(spec.sampling_defaults, k)
+                     for k in ("frequency_penalty", "presence_penalty", "repetition_penalty")}
         return {"max_tokens": max_tokens, "min_tokens": min(body.min_tokens, max_tokens), "temperature": body.temperature,
-                "top_p": body.top_p, "seed": body.seed, "stop": body.stop or [], **extra}
+                "top_p": body.top_p, "seed": body.seed, "stop": body.stop or [], **penalties, **extra}
 
     # ---- local models ----
     async def _local(self, spec: ModelSpec, req: dict[str, Any], body, *, chat: bool, context: dict[str, Any]):

@@ -40,6 +40,10 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     min_tokens: int = Field(default=0, ge=0, description="vLLM's extension: no end of sequence before this many tokens")
+    # None: the served model's default (serve.models[].sampling_defaults).
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2, description="vLLM's extension")
 
     @field_validator("stop")
     @classmethod

@@ -7,10 +7,22 @@ import re
 from pydantic import Field, model_validator
 
 from cluster.config import StrictModel
+from serve.demo_check import DemoCheckConfig
 from serve.deployment_config import DeploymentLimits
 from serve.feedback.feedback_config import FeedbackConfig
 from serve.moderation.moderation_config import ModerationConfig
 from serve.qa.qa_config import QAConfig
+
+
+class SamplingDefaults(StrictModel):
+    """What a request that does not set these gets, like vLLM's `--override-generation-config`.
+    A small model left to greedy decoding loops; a frequency penalty on its own tokens stops
+    that without keeping it from copying the prompt (a retrieved passage), which a repetition
+    penalty over the prompt would."""
+
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(default=1.0, gt=0, le=2)
 
 
 class ModelSpec(StrictModel):
@@ -32,6 +44,7 @@ class ModelSpec(StrictModel):
     max_concurrent: int = Field(default=64, ge=1, description="requests in flight per gateway replica; more get 429")
     default_max_tokens: int = Field(default=128, ge=1, description="when a request sets no max_tokens (capped to the "
                                                                   "room its prompt leaves in the context)")
+    sampling_defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     deployment: DeploymentLimits = Field(default_factory=DeploymentLimits)
 
     @model_validator(mode="after")
@@ -75,6 +88,8 @@ class ServeConfig(StrictModel):
     qa: QAConfig = Field(default_factory=QAConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     pages: PagesConfig = Field(default_factory=PagesConfig)
+    check: DemoCheckConfig = Field(default_factory=DemoCheckConfig, description="after deploying: the demo's "
+                                   "questions and held-out Q&A items through the live routes (check.json)")
     prompt_dirs: list[str] = Field(default_factory=list, description="folders of prompt templates (name.vN.yaml), "
                                                                      "searched before the shipped ones")
 

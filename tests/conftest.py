@@ -97,18 +97,20 @@ BASE = {
                  "checkpoint_every": 40, "eval_every": 40, "scaling": {"num_workers": 2}},
     "chat_data": {"max_answer_chars": 240, "pairs_per_document": 6},
     "sft": {"steps": 24, "micro_batch": 4, "warmup_steps": 2, "lr": 1e-3, "checkpoint_every": 12},
-    "reward": {"steps": 40, "micro_batch": 4, "warmup_steps": 4, "lr": 1e-3, "checkpoint_every": 40},
+    "reward": {"steps": 40, "micro_batch": 4, "warmup_steps": 4, "lr": 1e-3, "checkpoint_every": 40, "pairs": "first_half"},
+    "judge": {"steps": 24, "micro_batch": 4, "warmup_steps": 2, "lr": 1e-3, "checkpoint_every": 24, "pairs": "second_half"},
     "dpo": {"steps": 16, "micro_batch": 4, "warmup_steps": 1, "lr": 5e-4, "checkpoint_every": 16},
     "grpo": {"steps": 4, "micro_batch": 4, "warmup_steps": 0, "log_every": 1, "num_generations": 4, "max_completion_length": 16,
              "checkpoint_every": 4, "rule_rewards": {"no_repetition": 0.5}, "lora": {"enabled": True, "r": 4}},
     "eval": {"records": 24, "prompts": 8, "max_new_tokens": 16, "ppl_sequences": 16,
-             "models": ["pretrain", "sft", "dpo", "grpo", "quantize"]},  # quantize: the AWQ copy, as served
+             "models": ["pretrain", "sft", "dpo", "grpo", "quantize"],  # quantize: the AWQ copy, as served
+             "judge_stage": "judge", "lm_eval_limit": 24},
     "sparsify": COMPRESS,
     "quantize": {**COMPRESS, "group_sizes": [128, 32]},
     # the recipe's 6 epochs over all 10,000 real texts take minutes; 2 over 1,000 already beat the tests' bars
     "moderation": {"epochs": 2, "real_max": 1000},
 }
-CHAIN = ["data", "tokenizer", "pretrain", "chat_data", "sft", "reward", "dpo", "grpo", "sparsify", "quantize", "eval",
+CHAIN = ["data", "tokenizer", "pretrain", "chat_data", "sft", "reward", "judge", "dpo", "grpo", "sparsify", "quantize", "eval",
          "moderation", "qa_index"]
 
 

@@ -34,16 +34,31 @@ def test_chat_data_pairs_come_from_the_corpus_split_by_document(post_run):
     assert not {r["doc_id"] for r in train} & {r["doc_id"] for r in val}
     assert {"complete_function", "explain"} <= {r["task"] for r in train}
     prefs = _jsonl(folder / "prefs_train.jsonl")
-    assert {r["rejected_kind"] for r in prefs} == {"wrong_topic", "shuffled", "truncated"}
+    assert {r["rejected_kind"] for r in prefs} == {"wrong_topic", "shuffled", "truncated", "fragment"}
     assert all(r["chosen"][0]["content"] != r["rejected"][0]["content"] for r in prefs)
     kinds_per_answer: dict[str, set] = {}
     for r in prefs:
         kinds_per_answer.setdefault(r["chosen"][0]["content"], set()).add(r["rejected_kind"])
     # Every answer is paired with every kind of rejected answer that applies to it (a short
-    # answer cannot be shuffled or cut), so most answers have all three.
-    assert sum(len(k) == 3 for k in kinds_per_answer.values()) > len(kinds_per_answer) / 2
+    # answer cannot be shuffled, cut or reduced to a fragment), so most answers have all four.
+    assert sum(len(k) == 4 for k in kinds_per_answer.values()) > len(kinds_per_answer) / 2
+    fragments = [r["rejected"][0]["content"] for r in prefs if r["rejected_kind"] == "fragment"]
+    assert all(2 <= len(f.split()) <= 3 for f in fragments)
     function = next(r for r in train if r["task"] == "complete_function")
     assert function["prompt"][0]["content"].startswith("Complete this Python function:\ndef ")
+    read = next(r for r in train if r["task"] == "read")  # a passage in the Q&A prompt's shape
+    assert read["prompt"][0]["content"].startswith("Passages:\n[1] ") and read["completion"][0]["content"].endswith(" [1]")
+    qa_val = _jsonl(folder / "qa_val.jsonl")  # held-out reading items for the serve stage's check
+    assert qa_val and {r["doc_id"] for r in qa_val} <= {r["doc_id"] for r in val}
+
+
+@pytest.mark.slow
+def test_the_reward_and_judge_models_learn_from_disjoint_halves_of_the_pairs(post_run):
+    every = _jsonl(post_run / "chat_data" / "prefs_train.jsonl")
+    reward, judge = _jsonl(post_run / "reward" / "prefs_train.jsonl"), _jsonl(post_run / "judge" / "prefs_train.jsonl")
+    assert reward and judge and len(reward) + len(judge) == len(every)
+    assert not {r["doc_id"] for r in reward} & {r["doc_id"] for r in judge}
+    assert read_manifest(post_run / "judge").config["pairs"] == "second_half"
 
 
 @pytest.mark.slow
@@ -100,7 +115,21 @@ def test_eval_shows_sft_learned_the_task_reward_beats_chance_and_dpo_widens_the_
     assert set(result["win_rate"]) == {"dpo", "grpo"} and all(0 <= v <= 1 for v in result["win_rate"].values())
     assert set(result["ppl"]) == {"pretrain", "sft", "dpo", "grpo", "quantize"}
     table = (post_run / "eval/eval.md").read_text()
-    assert "| sft |" in table and "ROUGE-L" in table
+    assert "| sft |" in table and "ROUGE-L" in table and "judge win rate" in table
+
+
+@pytest.mark.slow
+def test_eval_scores_win_rates_under_an_independent_judge_and_every_model_with_lm_eval(post_run):
+    result = json.loads((post_run / "eval/eval.json").read_text())
+    assert 0 <= result["judge_accuracy"] <= 1
+    assert set(result["judge_win_rate"]) == {"pretrain", "dpo", "grpo", "quantize"}  # every model but the baseline
+    assert all(0 <= v <= 1 for v in result["judge_win_rate"].values())
+    for name in ("pretrain", "sft", "dpo", "grpo", "quantize"):  # lm-evaluation-harness ran on each model
+        figures = result["lm_eval"][name]["aero_heldout_prefs"]
+        assert 0 <= figures["acc"] <= 1 and 0 <= figures["acc_norm"] <= 1
+    manifest = read_manifest(post_run / "eval")
+    assert manifest.metrics["judge_win_rate_dpo"] == result["judge_win_rate"]["dpo"]
+    assert manifest.metrics["lm_eval_aero_heldout_prefs_acc_norm_sft"] == result["lm_eval"]["sft"]["aero_heldout_prefs"]["acc_norm"]
 
 
 @pytest.mark.slow
@@ -118,7 +147,7 @@ def test_eval_judges_every_models_answers_independently_and_warns_when_they_read
     for name in ("dpo", "grpo"):  # no model reads worse than SFT by the judge without its warning
         q = result["quality"][name]
         worse = q["rouge_l"] < sft["rouge_l"] or q["chrf"] < sft["chrf"] or q["distinct_2"] < sft["distinct_2"] \
-            or q["loop_share"] > sft["loop_share"]
+            or q["loop_share"] > sft["loop_share"] or q["judge_win_rate"] < 0.5
         assert worse == any(w.startswith(f"{name}:") for w in result["warnings"]), (name, q, sft, result["warnings"])
     assert manifest.metrics.get("warnings", []) == result["warnings"]
 

@@ -34,7 +34,7 @@ def test_override_into_a_scalar_names_the_key():
 def test_default_recipe_loads_and_overrides_apply():
     recipe = load_recipe(REPO / "configs/tiny-cpu.yaml", ["data.max_doc_chars=123", "run=other"])
     assert recipe.run == "other"
-    assert recipe.stages == ["data", "tokenizer", "pretrain", "chat_data", "sft", "reward", "dpo", "grpo", "sparsify", "quantize",
+    assert recipe.stages == ["data", "tokenizer", "pretrain", "chat_data", "sft", "reward", "judge", "dpo", "grpo", "sparsify", "quantize",
                              "eval", "moderation", "qa_index", "serve"]
     config = recipe.stage_config("data")
     assert isinstance(config, CorpusConfig) and config.max_doc_chars == 123

@@ -57,3 +57,14 @@ def test_the_gpu_1b_recipe_shards_what_a_single_gpu_cannot_hold():
     pre = recipe.stage_config("pretrain")
     assert pre.model.preset == "1b" and pre.zero_stage == 3 and pre.activation_checkpointing
 
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_loads_and_its_reward_and_judge_halves_differ(path):
+    from cluster.config import load_recipe
+
+    recipe = load_recipe(path, [])
+    if "judge" in recipe.stages:  # eval's independent judge never shares the training reward model's pairs
+        halves = {recipe.stage_config("reward").pairs, recipe.stage_config("judge").pairs}
+        assert halves == {"first_half", "second_half"}
+        assert recipe.stage_config("eval").judge_stage == "judge"

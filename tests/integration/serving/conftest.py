@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import free_port, recipe
 
 KEY, UPSTREAM_KEY = "test-key-1", "upstream-key"
+CHECK_QUESTIONS = ["What does the for statement do?", "Explain the list type.", "What is a dict?"]
 LIGHT = {"num_cpus": 0, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
 # The Q&A test collection: a tiny folder of documents on unrelated topics.
 QA_DOCS = {
@@ -58,7 +59,12 @@ def gateway(post_run, tmp_path_factory):
             # of several pieces even after output moderation's windows.
             {"name": "lister", "source": str(said), "default_max_tokens": 600, "stream_interval_ms": 20,
              "deployment": LIGHT},
+            # The same words with a default frequency penalty: greedy alternates them.
+            {"name": "lister-fp", "source": str(said), "sampling_defaults": {"frequency_penalty": 1.0},
+             "deployment": LIGHT},
         ],
+        # The stage's check of what users see, kept short: three questions, four held-out Q&A items.
+        "check": {"questions": CHECK_QUESTIONS, "max_tokens": 16, "max_qa_items": 4},
     }
     docs = tmp_path_factory.mktemp("qa-docs")
     for name, text in QA_DOCS.items():

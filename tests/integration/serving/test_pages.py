@@ -148,7 +148,7 @@ def test_compare_mode_stores_a_preference_that_export_turns_into_a_dpo_pair(gate
 
 
 @pytest.mark.slow
-def test_qa_page_answers_with_a_link_to_the_source_passage(gateway, browser, tmp_path):
+def test_qa_page_answers_showing_the_passages_it_used_with_links(gateway, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     d = browser
@@ -157,6 +157,7 @@ def test_qa_page_answers_with_a_link_to_the_source_passage(gateway, browser, tmp
     d.find_element(By.ID, "ask").click()
     links = _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#sources a"))
     assert links[0].get_attribute("data-doc") == "kettles.txt"
+    assert "white vinegar" in d.find_elements(By.CSS_SELECTOR, "#sources .passage")[0].text  # the passage it used, shown
     assert d.find_element(By.CSS_SELECTOR, "#answer .feedback")  # an answer, rateable
     d.save_screenshot(str(tmp_path / "qa.png"))
     href = links[0].get_attribute("href")

@@ -15,7 +15,7 @@ import pytest
 
 from cluster.errors import ConfigError
 from tests.conftest import recipe
-from tests.integration.serving.conftest import KEY
+from tests.integration.serving.conftest import CHECK_QUESTIONS, KEY
 
 
 def _client(gateway, key: str = KEY):
@@ -31,7 +31,7 @@ MESSAGES = [{"role": "system", "content": "You answer questions about Python."},
 @pytest.mark.slow
 def test_models_chat_and_streaming_equal_at_temperature_zero(gateway):
     client = _client(gateway)
-    assert [m.id for m in client.models.list()] == ["sft", "awq", "tight", "remote", "lister"]
+    assert [m.id for m in client.models.list()] == ["sft", "awq", "tight", "remote", "lister", "lister-fp"]
     full = client.chat.completions.create(model="sft", messages=MESSAGES, max_tokens=24, temperature=0,
                                           logprobs=True, top_logprobs=2)
     choice = full.choices[0]
@@ -60,6 +60,51 @@ def test_models_chat_and_streaming_equal_at_temperature_zero(gateway):
                                            seed=7, n=2)
     assert [c.message.content for c in again.choices] == [c.message.content for c in two.choices]  # seeded
     assert 2 <= two.usage.completion_tokens <= 32
+
+
+@pytest.mark.slow
+def test_penalties_come_from_the_request_or_else_the_models_sampling_defaults(gateway):
+    import httpx
+
+    client = _client(gateway)
+
+    def say(model: str, **penalties) -> list[str]:
+        reply = client.completions.create(model=model, prompt="Name two types:", max_tokens=8, temperature=0, **penalties)
+        return reply.choices[0].text.split()
+
+    plain = say("lister")  # its two words tie; greedy repeats the first
+    assert len(plain) == 8 and len(set(plain)) == 1
+    alternating = say("lister", frequency_penalty=1.0)
+    assert set(alternating) == {"list", "set"} and all(a != b for a, b in zip(alternating, alternating[1:]))
+    assert say("lister-fp") == alternating  # the model's default penalty
+    assert say("lister-fp", frequency_penalty=0.0) == plain  # a request's own value wins
+    assert set(say("lister", presence_penalty=1.0)) == {"list", "set"}
+    bad = httpx.post(f"{gateway['base']}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                     json={"model": "lister", "prompt": "x", "max_tokens": 2, "frequency_penalty": 5})
+    assert bad.status_code == 400 and "frequency_penalty" in bad.text
+
+
+@pytest.mark.slow
+def test_the_stage_checks_what_users_see_through_the_live_routes(gateway):
+    check = json.loads((gateway["stage"] / "check.json").read_text())
+    chat = check["chat"]
+    assert chat["model"] == "sft" and [a["question"] for a in chat["answers"]] == CHECK_QUESTIONS
+    assert 0 <= chat["distinct_2"] <= 1 and 0 <= chat["repeated_4gram_share"] <= 1
+    qa = check["qa"]
+    assert qa["items"] == len(qa["answers"]) == 4 and 0 <= qa["key_span_share"] <= 1
+    assert qa["with_sources_share"] == 1.0 and all(a["sources"] for a in qa["answers"])  # the passages it used
+    assert qa["key_span_share"] == sum(a["contains_key_span"] for a in qa["answers"]) / 4
+    metrics = gateway["manifest"].metrics
+    assert metrics["demo_distinct_2"] == chat["distinct_2"] and metrics["qa_key_span_share"] == qa["key_span_share"]
+    assert check["errors"] == [] and metrics["check_errors"] == 0
+    assert "Q&A on 4 held-out items" in (gateway["stage"] / "check.md").read_text()
+
+    # A refused request is recorded, not raised: the check never fails the stage that deployed the app.
+    from serve.demo_check import DemoCheckConfig, run_check
+
+    failed = run_check(gateway["base"], KEY, DemoCheckConfig(questions=["hi"], qa_items=None), "no-such-model", [])
+    assert failed["chat"]["answers"] == [{"question": "hi", "answer": ""}]
+    assert len(failed["errors"]) == 1 and "answered 404" in failed["errors"][0]
 
 
 @pytest.mark.slow
