@@ -78,6 +78,7 @@ def connect_ray(config: RayConfig | None = None, address: str | None = None) -> 
         else:
             ensure_local_token()
             context = ray.init(
+                address="local",  # a new instance, never a `ray start` cluster (or a stale address file) on this host
                 num_cpus=config.num_cpus,
                 include_dashboard=config.dashboard and dashboard_available(),
                 dashboard_host="127.0.0.1",
