@@ -68,13 +68,20 @@ def _clip(text: str, limit: int) -> str:
 
 
 def _paragraphs(text: str) -> list[str]:
-    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    """Blank-line-separated paragraphs with their indentation kept (pydoc indents a definition's
+    description); callers strip what they do not need."""
+    return [p.rstrip().strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def _is_rule(line: str) -> bool:
+    """A reStructuredText underline (*** / === / --- / ~~~ / ###)."""
+    return bool(line.strip()) and set(line.strip()) <= set("*=-~#")
 
 
 def _title(paragraphs: list[str]) -> tuple[str, list[str]]:
     """A reStructuredText-style title ('The "assert" statement' over a *** line) or the first line."""
     first = paragraphs[0].splitlines()
-    if len(first) >= 2 and set(first[1].strip()) <= set("*=-~#") and first[1].strip():
+    if len(first) >= 2 and _is_rule(first[1]):
         rest = ["\n".join(first[2:])] if len(first) > 2 else []
         return first[0].strip(), rest + paragraphs[1:]
     title = first[0].lstrip("# ").strip()
@@ -89,7 +96,7 @@ KEY_SPAN_WORDS = 8
 
 def _is_heading(paragraph: str) -> bool:
     lines = paragraph.strip("\n").splitlines()
-    return len(lines) == 2 and bool(lines[1].strip()) and set(lines[1].strip()) <= set("*=-~#")
+    return len(lines) == 2 and _is_rule(lines[1])
 
 
 def reading_topics(paragraphs: list[str]) -> list[tuple[str, list[str]]]:
@@ -145,7 +152,8 @@ def read_pair(title: str, topic: str, body: list[str], cfg: ChatDataConfig, rng:
 
 
 def prose_pairs(text: str, cfg: ChatDataConfig, rng: random.Random | None = None) -> list[dict[str, str]]:
-    paragraphs = _paragraphs(text)
+    indented = _paragraphs(text)
+    paragraphs = [p.strip() for p in indented]
     if not paragraphs:
         return []
     title, body = _title(paragraphs)
@@ -155,7 +163,6 @@ def prose_pairs(text: str, cfg: ChatDataConfig, rng: random.Random | None = None
     if body:  # asked the ways people ask ("What does the "for" statement do?"), not one fixed phrasing
         pairs.append({"task": "explain", "prompt": rng.choice(QUESTION_FORMS).format(t=_subject(title)),
                       "answer": _clip(body[0], cfg.max_answer_chars)})
-    indented = [p.rstrip().strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]  # keeps the indents
     for topic, section in [(title, body)] + [t for t in reading_topics(indented) if t[0] != title]:
         read = read_pair(title, topic, section, cfg, rng)
         if read:
