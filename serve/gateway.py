@@ -1,9 +1,11 @@
 """The OpenAI-compatible ingress (FastAPI under `@serve.ingress`): auth, routing by `model`,
 admission limits, errors in OpenAI's shape, streaming over SSE.
 
-Local models are reached through their `LLMServer` deployment handles (streaming through the
-handle); remote upstreams (any OpenAI-compatible server) through httpx, so one gateway fronts
-both with the same keys, limits and moderation. API keys reach the replicas only as SHA-256
+Local models are Ray Serve LLM deployments over vLLM (serve/llm_deployment.py), reached
+through their handles with Ray's OpenAI request objects: the client's JSON goes on whole, so
+what vLLM serves (token-id prompts, echo, n, seed, structured output) is served here. Remote
+upstreams (any OpenAI-compatible server) are reached through httpx. Both streams go through one
+relay, so one gateway fronts them with the same keys, limits and moderation. API keys reach the replicas only as SHA-256
 digests. With moderation on, every input is screened by the moderation deployment before a
 model sees it, and output is screened before the client does: whole answers, or streamed
 text held back and screened in windows. Requests that set `store: true` are kept in the
@@ -35,8 +37,6 @@ from serve.openai_api import (
     ChatRequest,
     CompletionRequest,
     ModerationRequest,
-    chat_logprobs,
-    completion_logprobs,
     new_id,
     now,
     sse,
@@ -47,12 +47,18 @@ from serve.qa.routes import QARoutes
 from serve.serve_config import ModelSpec, ServeConfig
 
 log = logging.getLogger(__name__)
-FLUSH = {"type": "flush"}  # ends one replica batch in a stream of events
 MAX_MODERATION_INPUTS = 64  # texts per POST /v1/moderations (one embedding batch stays short)
 
 
 def key_digest(key: str) -> str:
     return hashlib.sha256(key.strip().encode()).hexdigest()
+
+
+def _error_type(status: int, given: str | None) -> str:
+    """OpenAI's error type for a status (vLLM names its own, e.g. BadRequestError)."""
+    if status == 400:
+        return "invalid_request_error"
+    return given or "server_error"
 
 
 def _cancel(stream) -> None:
@@ -88,7 +94,7 @@ class _Flagged(Exception):
 @serve.ingress(app)
 class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
     def __init__(self, config: dict[str, Any], handles: dict[str, Any], key_digests: list[str], moderation=None,
-                 retriever=None, feedback_url: str | None = None):
+                 retriever=None, feedback_url: str | None = None, model_paths: dict[str, str] | None = None):
         import httpx
 
         from serve.metrics import ServeMetrics
@@ -104,7 +110,9 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
         self.chat_template = self._template(self.cfg.pages.chat_template, {"question"})
         self.qa_template = self._template(self.cfg.qa.template, {"question", "passages"}) if retriever else None
         self.specs: dict[str, ModelSpec] = {m.name: m for m in self.cfg.models}
-        self.handles = handles
+        self.handles = handles  # local model name -> its Ray Serve LLM deployment (LLMServer)
+        self.model_paths = model_paths or {}  # their folders: tokenizer and context for Q&A fitting
+        self.fitters: dict[str, Any] = {}
         self.moderation = moderation if self.cfg.moderation.enabled else None
         self.mcfg = self.cfg.moderation
         self.digests = [bytes.fromhex(d) for d in key_digests]
@@ -182,11 +190,8 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
             template = (body.metadata or {}).get("prompt_template")
             context["store"] = {"endpoint": "chat", "template": template[:128] if template else None,
                                 "messages": messages}
-        payload = None
+        payload = await request.json()
         if spec.upstream:
-            payload = await request.json()
-            for key in ("store", "metadata"):  # kept here, not at the upstream
-                payload.pop(key, None)
             for i, text in enumerate(screened):
                 if text != texts[i]:  # redacted
                     payload["messages"][i]["content"] = text
@@ -194,16 +199,15 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
 
     async def _chat(self, spec: ModelSpec, body: ChatRequest, messages: list[dict[str, str]], context: dict[str, Any],
                     payload: dict[str, Any] | None = None):
-        """A chat completion of already-screened messages, from a local model or an upstream."""
+        """A chat completion of already-screened messages, from a local model or an upstream.
+        `payload` is the client's JSON (every field it sent goes on); None for the gateway's own
+        requests (the Q&A route)."""
+        if payload is None:
+            payload = {**body.model_dump(exclude_unset=True), "messages": messages}
+        payload = {k: v for k, v in payload.items() if k not in ("store", "metadata")}  # kept here only
         if spec.upstream:
-            payload = payload or {**body.model_dump(exclude_none=True, exclude={"store", "metadata"}),
-                                  "messages": messages}
-            return await self._remote(spec, "/chat/completions", payload, body, context)
-        max_tokens = body.max_completion_tokens or body.max_tokens or spec.default_max_tokens
-        req = {"kind": "chat", "messages": messages, "n": body.n, "params": self._params(
-            body, spec, max_tokens, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0),
-            "max_tokens_default": not (body.max_completion_tokens or body.max_tokens)}
-        return await self._local(spec, req, body, chat=True, context=context)
+            return await self._remote(spec, "/chat/completions", payload, body, context, body.n)
+        return await self._local(spec, "chat", {**payload, "messages": messages}, body, context, body.n)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
@@ -211,32 +215,56 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
         self._check_size(request)
         spec = self._spec(body.model)
         context = {"model": spec.name, "request_id": new_id("req"), "endpoint": "completions"}
-        screened = await self._screen_input([body.prompt], "prompt", context)
-        if isinstance(screened, APIError):
-            return self._refusal(body, chat=False)
-        body.prompt = screened[0]  # what the model sees (and what echo returns)
+        prompts = body.prompts()
+        if self.moderation is not None:  # token ids are screened as the text they decode to
+            texts = [p if isinstance(p, str) else await self._decode(spec, p) for p in prompts]
+            screened = await self._screen_input(texts, "prompt", context)
+            if isinstance(screened, APIError):
+                return self._refusal(body, chat=False)
+            prompts = [p if new == old else new for p, old, new in zip(prompts, texts, screened)]  # redacted
+        payload = {**await request.json(), "prompt": prompts[0] if body.single_prompt() else prompts}
+        choices = body.n * len(prompts)
         if spec.upstream:
-            return await self._remote(spec, "/completions", {**await request.json(), "prompt": body.prompt}, body, context)
-        max_tokens = body.max_tokens or spec.default_max_tokens
-        req = {"kind": "completion", "prompt": body.prompt, "n": body.n, "params": self._params(
-            body, spec, max_tokens, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0, echo=body.echo),
-            "max_tokens_default": not body.max_tokens}
-        return await self._local(spec, req, body, chat=False, context=context)
+            return await self._remote(spec, "/completions", payload, body, context, choices)
+        return await self._local(spec, "completions", payload, body, context, choices)
 
-    @staticmethod
-    def _params(body, spec: ModelSpec, max_tokens: int, **extra) -> dict[str, Any]:
-        penalties = {k: v if (v := getattr(body, k)) is not None else getattr(spec.sampling_defaults, k)
-                     for k in ("frequency_penalty", "presence_penalty", "repetition_penalty")}
-        return {"max_tokens": max_tokens, "min_tokens": min(body.min_tokens, max_tokens), "temperature": body.temperature,
-                "top_p": body.top_p, "seed": body.seed, "stop": body.stop or [], **penalties, **extra}
+    async def _decode(self, spec: ModelSpec, ids: list[int]) -> str:
+        if spec.upstream:
+            raise APIError(400, f"model {spec.name} is a remote upstream: moderation cannot read token-id prompts "
+                                f"without its tokenizer; send the prompt as text", param="prompt")
+        fitter = await self._fitter(spec)
+        return fitter.decode(ids)
 
-    # ---- local models ----
-    async def _local(self, spec: ModelSpec, req: dict[str, Any], body, *, chat: bool, context: dict[str, Any]):
+    async def _fitter(self, spec: ModelSpec):
+        """The local model's tokenizer and context (serve/prompt_fit.py), loaded once."""
+        from serve.prompt_fit import PromptFitter
+
+        if spec.name not in self.fitters:
+            self.fitters[spec.name] = await asyncio.to_thread(PromptFitter, self.model_paths[spec.name],
+                                                              spec.max_model_len)
+        return self.fitters[spec.name]
+
+    # ---- local models: Ray Serve LLM deployments over vLLM ----
+    async def _local(self, spec: ModelSpec, method: str, payload: dict[str, Any], body, context: dict[str, Any],
+                     choices: int):
+        from pydantic import ValidationError
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest as LLMChatRequest
+        from ray.serve.llm.openai_api_models import CompletionRequest as LLMCompletionRequest
+
+        chat = method == "chat"
+        if payload.get("max_tokens") is None and payload.get("max_completion_tokens") is None:
+            payload = {**payload, "max_tokens": spec.default_max_tokens}  # vLLM caps it to the room left
+        try:
+            req = (LLMChatRequest if chat else LLMCompletionRequest).model_validate({**payload, "model": spec.name})
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            where = ".".join(str(p) for p in e["loc"])
+            raise APIError(400, f"{where}: {e['msg']}", param=where or None) from None
         self._admit(spec)
         started = time.monotonic()
         stream, refused = None, None
         try:
-            stream = self.handles[spec.name].options(stream=True).generate.remote(req)
+            stream = getattr(self.handles[spec.name].options(stream=True), method).remote(req)
             first = await asyncio.wait_for(stream.__anext__(), timeout=self.cfg.request_timeout_s)
         except Exception as exc:
             refused = exc
@@ -246,41 +274,54 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
             raise
         if refused is not None:
             _cancel(stream)
+            if isinstance(refused, asyncio.TimeoutError):
+                self._release(spec, 504)
+                raise APIError(504, f"no answer within {self.cfg.request_timeout_s}s", type="timeout") from None
             self._release(spec, 503)
             raise self._overload(spec, refused)
-        if first[0]["type"] == "error":
-            err = first[0]
-            self._release(spec, err.get("status", 500))
-            raise APIError(err.get("status", 500), err["message"], param=err.get("param"), code=err.get("code"))
-        self.metrics.ttft.observe(time.monotonic() - started, tags={"model": spec.name})
-        events = self._events(first, stream)
-        rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
-        if body.stream:
-            if self.moderation is not None:
-                events = self._screened(events, context)
-            if "store" in context:
-                events = self._recorded(events, rid, body.n, context)
-            return StreamingResponse(self._sse(spec, events, stream, body, rid, created, chat, started),
-                                     media_type="text/event-stream")
-        status = 499  # unless set below: the client went away (the handler was cancelled)
-        try:
-            result = await asyncio.wait_for(self._collect(events, body, rid, created, chat), self.cfg.request_timeout_s)
-            await self._screen_output(result, chat, context)
-            await self._store(rid, result, context)
-            status = 200
-        except asyncio.TimeoutError:
-            status = 504
-            raise APIError(504, f"generation took longer than {self.cfg.request_timeout_s}s", type="timeout") from None
-        except APIError as exc:
-            status = exc.status
-            raise
-        finally:
-            if status != 200:
-                _cancel(stream)
+        head = first[0] if isinstance(first, list) and first else first
+        if hasattr(head, "error"):  # vLLM's ErrorResponse (e.g. a prompt over the context)
+            err = head.error
+            status = int(err.code) if str(err.code).isdigit() else 500
             self._release(spec, status)
-        tokens = result["usage"]["completion_tokens"]
-        self.metrics.tokens_per_s.observe(tokens / max(time.monotonic() - started, 1e-6), tags={"model": spec.name})
-        return result
+            raise APIError(status, err.message, type=_error_type(status, err.type), param=err.param)
+        self.metrics.ttft.observe(time.monotonic() - started, tags={"model": spec.name})
+        if not req.stream:
+            status = 499  # unless set below: the client went away (the handler was cancelled)
+            try:
+                result = head.model_dump(mode="json")
+                await self._screen_output(result, chat, context)
+                await self._store(result["id"], result, context)
+                status = 200
+            except APIError as exc:
+                status = exc.status
+                raise
+            finally:
+                _cancel(stream)
+                self._release(spec, status)
+            tokens = (result.get("usage") or {}).get("completion_tokens") or 0
+            self.metrics.tokens_per_s.observe(tokens / max(time.monotonic() - started, 1e-6), tags={"model": spec.name})
+            return result
+
+        async def lines() -> AsyncIterator[str]:
+            """The replica's batches of SSE strings (or error objects), one line at a time."""
+            batch = first
+            while True:
+                for item in batch if isinstance(batch, list) else [batch]:
+                    if hasattr(item, "model_dump_json"):
+                        item = f"data: {item.model_dump_json()}\n\n"
+                    for line in item.splitlines():
+                        yield line
+                try:
+                    batch = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+
+        async def close() -> None:
+            _cancel(stream)  # the client left or the stream ended: vLLM drops the request
+
+        return StreamingResponse(self._relay(spec, self._chunk_events(spec, chat, lines()), chat, context, choices, close),
+                                 media_type="text/event-stream")
 
     def _overload(self, spec: ModelSpec, exc: BaseException) -> APIError:
         """Ray Serve refused the request (queue full) or the replica is gone: 503 + Retry-After."""
@@ -291,133 +332,80 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
         return APIError(503, f"model {spec.name} is overloaded or unavailable ({kind}); retry", type="overloaded",
                         code="overloaded", headers={"Retry-After": str(self.cfg.retry_after_s)})
 
+    # ---- streams, from a local model or an upstream ----
     @staticmethod
-    async def _events(first: list[dict], stream) -> AsyncIterator[dict]:
-        """The replica's batches of events, one event at a time, each batch closed by a
-        `flush` marker: the SSE writer sends a batch as one body chunk."""
-        for event in first:
-            yield event
-        yield FLUSH
-        async for batch in stream:
-            for event in batch:
-                yield event
-            yield FLUSH
-
-    async def _collect(self, events, body, rid: str, created: int, chat: bool) -> dict[str, Any]:
-        texts: dict[int, list[str]] = collections.defaultdict(list)
-        tokens: dict[int, list[dict]] = collections.defaultdict(list)
-        done: dict[int, dict] = {}
-        async for e in events:
-            if e["type"] == "flush":
+    async def _chunk_events(spec: ModelSpec, chat: bool, lines: AsyncIterator[str]) -> AsyncIterator[dict]:
+        """SSE lines of OpenAI chunks as events: `delta` (text), `done` (a choice's finish),
+        `usage` (the last chunk of `include_usage`), `error`; each carries its chunk. A chunk
+        that brings text and a finish at once is split in two, so the text is screened before
+        the finish is sent."""
+        async for line in lines:
+            if line == "data: [DONE]":
+                return
+            if not line.startswith("data: "):
                 continue
-            if e["type"] == "error":
-                raise APIError(e.get("status", 500), e["message"], type="server_error")
-            if e["type"] == "delta":
-                texts[e["index"]].append(e["text"])
-                tokens[e["index"]] += e["tokens"]
-            else:
-                done[e["index"]] = e
-        choices = []
-        for i in range(body.n):
-            text, d = "".join(texts[i]), done[i]
-            if chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": text},
-                          "finish_reason": d["finish_reason"],
-                          "logprobs": chat_logprobs(tokens[i]) if body.logprobs else None}
-            else:
-                logprobs = None
-                if body.logprobs is not None:
-                    gen = completion_logprobs(tokens[i], offset=len(body.prompt) if body.echo else 0)
-                    if body.echo:
-                        prompt = completion_logprobs([{**p, "top": []} for p in d["prompt_logprobs"]])
-                        logprobs = {k: prompt[k] + gen[k] for k in gen}
-                    else:
-                        logprobs = gen
-                choice = {"index": i, "text": (body.prompt if body.echo else "") + text,
-                          "finish_reason": d["finish_reason"], "logprobs": logprobs}
-            choices.append(choice)
-        prompt_tokens = done[0]["prompt_tokens"]
-        completion_tokens = sum(d["completion_tokens"] for d in done.values())
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": body.model, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                err = chunk["error"] or {}
+                code = err.get("code")
+                numeric = str(code).isdigit()  # vLLM's code is the HTTP status; OpenAI's a name
+                status = int(code) if numeric else 500
+                yield {"type": "error", "status": status, "message": err.get("message") or "generation failed",
+                       "error_type": _error_type(status, err.get("type")), "code": None if numeric else code}
+                return
+            if "model" in chunk:
+                chunk["model"] = spec.name
+            if not chunk.get("choices"):
+                yield {"type": "usage", "chunk": chunk}
+                continue
+            for c in chunk["choices"]:
+                one = {**chunk, "choices": [c]}
+                text = ((c.get("delta") or {}).get("content") or "") if chat else (c.get("text") or "")
+                finish = c.get("finish_reason")
+                if finish and text:
+                    yield {"type": "delta", "index": c.get("index", 0), "text": text,
+                           "chunk": {**one, "choices": [{**c, "finish_reason": None}]}}
+                    c = {**c, "logprobs": None, **({"delta": {}} if chat else {"text": ""})}
+                    one, text = {**chunk, "choices": [c]}, ""
+                yield {"type": "done" if finish else "delta", "index": c.get("index", 0), "text": text, "chunk": one,
+                       "finish_reason": finish}
 
-    async def _sse(self, spec: ModelSpec, events, stream, body, rid: str, created: int, chat: bool,
-                   started: float) -> AsyncIterator[str]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        status, completion_tokens, prompt_tokens = 200, 0, 0
-
-        def chunk(index: int, **fields) -> dict[str, Any]:
-            if chat:
-                delta = {k: v for k, v in fields.items() if k in ("role", "content")}
-                choice = {"index": index, "delta": delta, "finish_reason": fields.get("finish_reason"),
-                          "logprobs": fields.get("logprobs")}
-            else:
-                choice = {"index": index, "text": fields.get("content", ""), "finish_reason": fields.get("finish_reason"),
-                          "logprobs": fields.get("logprobs")}
-            return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [choice]}
-
-        # Deltas of one replica batch are merged per choice and the batch goes out as one body
-        # chunk: under load, when tokens pile up between reads, every hop after the replica
-        # (ingress, proxy, client) handles one message instead of one per token.
-        held: dict[int, list[dict]] = {}
-
-        def merged() -> list[str]:
-            out = []
-            for i, evs in held.items():
-                text, toks = "".join(e["text"] for e in evs), [t for e in evs for t in e["tokens"]]
-                lp = (chat_logprobs(toks) if chat else completion_logprobs(toks)) if toks else None
-                if text or lp:
-                    out.append(sse(chunk(i, content=text, logprobs=lp)))
-            held.clear()
-            return out
-
+    async def _relay(self, spec: ModelSpec, events: AsyncIterator[dict], chat: bool, context: dict[str, Any],
+                     choices: int, close) -> AsyncIterator[str]:
+        """The client's SSE stream: events screened by moderation in windows, stored when asked
+        for, ended by `[DONE]` (after an error too); `close` frees the source."""
+        status, rid = 200, None
         try:
-            if chat:
-                for i in range(body.n):
-                    yield sse(chunk(i, role="assistant", content=""))
-            elif body.echo:
-                for i in range(body.n):
-                    yield sse(chunk(i, content=body.prompt))
+            if self.moderation is not None:
+                events = self._screened(events, context)
+            if "store" in context:
+                events = self._recorded(events, None, choices, context)
             async with asyncio.timeout(self.cfg.request_timeout_s):
-                out: list[str] = []
                 async for e in events:
-                    if e["type"] == "flush":
-                        out += merged()
-                        if out:
-                            yield "".join(out)
-                            out = []
-                    elif e["type"] == "error":
+                    if e["type"] == "error":
                         status = e.get("status", 500)
-                        out += merged()
-                        out.append(sse(APIError(status, e["message"], type=e.get("error_type", "server_error"),
-                                                code=e.get("code")).body()))
+                        yield sse(APIError(status, e["message"], type=e.get("error_type") or "server_error",
+                                           code=e.get("code")).body())
                         break
-                    elif e["type"] == "delta":
-                        held.setdefault(e["index"], []).append(e)
-                    else:
-                        out += merged()
-                        completion_tokens += e["completion_tokens"]
-                        prompt_tokens = e["prompt_tokens"]
-                        out.append(sse(chunk(e["index"], finish_reason=e["finish_reason"])))
-                out += merged()
-                if out:
-                    yield "".join(out)
-            if body.include_usage():
-                yield sse({"id": rid, "object": obj, "created": created, "model": body.model, "choices": [],
-                           "usage": usage(prompt_tokens, completion_tokens)})
+                    chunk = e.get("chunk")
+                    if chunk is None:  # text rewritten by redaction
+                        chunk = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                                 "created": now(), "model": spec.name,
+                                 "choices": [{"index": e["index"], "finish_reason": None, "logprobs": None, **(
+                                     {"delta": {"content": e["text"]}} if chat else {"text": e["text"]})}]}
+                    rid = chunk.get("id") or rid
+                    yield sse(chunk)
             yield sse("[DONE]")
         except TimeoutError:
             status = 504
             yield sse(APIError(504, f"generation took longer than {self.cfg.request_timeout_s}s", type="timeout").body())
         finally:
-            _cancel(stream)  # the client left or the stream ended: free the sequences in the engine
+            await close()
             self._release(spec, status)
-            if completion_tokens:
-                self.metrics.tokens_per_s.observe(completion_tokens / max(time.monotonic() - started, 1e-6),
-                                                  tags={"model": spec.name})
 
     # ---- remote upstreams ----
-    async def _remote(self, spec: ModelSpec, path: str, payload: dict[str, Any], body, context: dict[str, Any]):
+    async def _remote(self, spec: ModelSpec, path: str, payload: dict[str, Any], body, context: dict[str, Any],
+                      choices: int):
         import httpx
 
         stream, chat = body.stream, path == "/chat/completions"
@@ -452,45 +440,8 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
             await self._screen_output(data, chat, context)
             await self._store(data.get("id") or new_id("chatcmpl"), data, context)
             return {**data, "model": spec.name}
-
-        async def chunks() -> AsyncIterator[dict]:
-            """The upstream's chunks as delta / done events (the chunk rides along)."""
-            async for line in response.aiter_lines():
-                if line == "data: [DONE]":
-                    return
-                if not line.startswith("data: "):
-                    continue
-                chunk = json.loads(line[6:])
-                if "model" in chunk:
-                    chunk["model"] = spec.name
-                choices = chunk.get("choices") or [{}]
-                c = choices[0]
-                text = (c.get("delta") or {}).get("content") or "" if chat else c.get("text") or ""
-                kind = "done" if c.get("finish_reason") else "delta"
-                yield {"type": kind, "index": c.get("index", 0), "text": text, "tokens": [], "chunk": chunk,
-                       "finish_reason": c.get("finish_reason")}
-
-        async def relay() -> AsyncIterator[str]:
-            try:
-                events = chunks() if self.moderation is None else self._screened(chunks(), context)
-                if "store" in context:
-                    events = self._recorded(events, None, body.n, context)
-                async for e in events:
-                    if e["type"] == "error":
-                        yield sse(APIError(e["status"], e["message"], type=e["error_type"], code=e["code"]).body())
-                        break
-                    chunk = e.get("chunk")
-                    if chunk is None:  # text rewritten by redaction
-                        chunk = {"object": "chat.completion.chunk" if chat else "text_completion", "model": spec.name,
-                                 "choices": [{"index": e["index"], "finish_reason": None, **(
-                                     {"delta": {"content": e["text"]}} if chat else {"text": e["text"]})}]}
-                    yield sse(chunk)
-                yield sse("[DONE]")
-            finally:
-                await response.aclose()
-                self._release(spec, 200)
-
-        return StreamingResponse(relay(), media_type="text/event-stream")
+        return StreamingResponse(self._relay(spec, self._chunk_events(spec, chat, response.aiter_lines()), chat, context,
+                                             choices, response.aclose), media_type="text/event-stream")
 
     # ---- templates and stored replies ----
     def _template(self, ref: str, needs: set[str]):

@@ -91,18 +91,23 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    # As vLLM takes it: a string, a list of strings, a list of token ids, or a list of such lists.
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("send one prompt per request")
-            v = v[0]
+    def _some_prompt(cls, v):
+        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+            raise ValueError("prompt: an empty list")
         return v
+
+    def single_prompt(self) -> bool:
+        return isinstance(self.prompt, str) or (bool(self.prompt) and isinstance(self.prompt[0], int))
+
+    def prompts(self) -> list[str | list[int]]:
+        return [self.prompt] if self.single_prompt() else list(self.prompt)
 
 
 def new_id(prefix: str) -> str:
@@ -115,26 +120,6 @@ def sse(obj: dict[str, Any] | str) -> str:
 
 def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def chat_logprobs(tokens: list[dict]) -> dict[str, Any]:
-    """`tokens`: [{"token": str, "logprob": float, "top": [[str, float], ...]}] from the LLM replica."""
-    def entry(s: str, lp: float) -> dict[str, Any]:
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
-
-    return {"content": [{**entry(t["token"], t["logprob"]), "top_logprobs": [entry(s, lp) for s, lp in t["top"]]}
-                        for t in tokens]}
-
-
-def completion_logprobs(tokens: list[dict], offset: int = 0) -> dict[str, Any]:
-    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for t in tokens:
-        out["tokens"].append(t["token"])
-        out["token_logprobs"].append(t["logprob"])
-        out["top_logprobs"].append(dict(t["top"]) if t.get("top") else None)
-        out["text_offset"].append(offset)
-        offset += len(t["token"])
-    return out
 
 
 def now() -> int:

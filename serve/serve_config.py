@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -15,7 +16,7 @@ from serve.qa.qa_config import QAConfig
 
 
 class SamplingDefaults(StrictModel):
-    """What a request that does not set these gets, like vLLM's `--override-generation-config`.
+    """What a request that does not set these gets: vLLM's `override_generation_config`.
     A small model left to greedy decoding loops; a frequency penalty on its own tokens stops
     that without keeping it from copying the prompt (a retrieved passage), which a repetition
     penalty over the prompt would."""
@@ -33,14 +34,18 @@ class ModelSpec(StrictModel):
     upstream: str | None = Field(default=None, description="base URL of an OpenAI-compatible server, e.g. https://host/v1")
     upstream_model: str | None = Field(default=None, description="model name at the upstream (default: name)")
     api_key_env: str | None = Field(default=None, description="env var holding the upstream's API key")
-    max_batch: int = Field(default=16, ge=1, description="sequences decoded together per step")
+    max_batch: int = Field(default=16, ge=1, description="sequences vLLM decodes together (max_num_seqs)")
     stream_interval_ms: float = Field(default=100, ge=0, le=1000,
-                                      description="after the first token, a stream's tokens are sent at most this "
-                                                  "often when max_batch sequences run, several per message, and "
-                                                  "proportionally more often with fewer (0: every step); each "
-                                                  "message costs CPU at every hop (docs/results.md)")
-    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads of the replica's forward passes "
-                                      "(none: what Ray gives the replica, OMP_NUM_THREADS = its num_cpus, at least 1)")
+                                      description="a stream's tokens are sent at most this often, several per "
+                                                  "message (Ray Serve LLM's stream batching interval); each message "
+                                                  "costs CPU at every hop")
+    max_model_len: int | None = Field(default=None, ge=16, description="vLLM's context (default: the model's "
+                                                                        "max_position_embeddings)")
+    enforce_eager: bool | None = Field(default=None, description="vLLM without graph compilation (default: on CPU, "
+                                                                 "where compiling costs a minute per replica start)")
+    kv_cache_gib: int = Field(default=1, ge=1, description="vLLM's KV cache on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="more vLLM engine arguments, passed as is "
+                                                                            "(e.g. tensor_parallel_size, dtype)")
     max_concurrent: int = Field(default=64, ge=1, description="requests in flight per gateway replica; more get 429")
     default_max_tokens: int = Field(default=128, ge=1, description="when a request sets no max_tokens (capped to the "
                                                                   "room its prompt leaves in the context)")

@@ -1,8 +1,8 @@
 """`POST /v1/qa` and `GET /v1/qa/passages/{id}`: retrieval-augmented answers.
 
 The question is screened by moderation like any input, the retriever deployment returns the
-top-k passages, the prompt template numbers them, and the answering model's replica fits as
-many as its context holds (cutting the last one) before the gateway's ordinary chat path
+top-k passages, the prompt template numbers them, and the answering model's tokenizer fits as
+many as its context holds (cutting the last one; serve/prompt_fit.py) before the gateway's ordinary chat path
 generates and screens the answer. The reply lists the passages it was given as sources, each
 with a link to the passage page; with `store: true` it is kept for feedback, with its
 template version and sources.
@@ -10,6 +10,7 @@ template version and sources.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import Request
@@ -61,10 +62,11 @@ class QARoutes:
         max_tokens = body.max_tokens or self.cfg.qa.max_tokens
         messages = template.messages(question=question, passages=_SLOT)
         if spec.source:
-            fitted = await self.handles[spec.name].fit.remote(messages, _SLOT, pieces, max_tokens)
+            fitter = await self._fitter(spec)
+            fitted = await asyncio.to_thread(fitter.fit, messages, _SLOT, pieces, max_tokens)
             if "error" in fitted and template.few_shot:  # a small context: the examples go first
                 messages = template.messages(question=question, passages=_SLOT, few_shot=False)
-                fitted = await self.handles[spec.name].fit.remote(messages, _SLOT, pieces, max_tokens)
+                fitted = await asyncio.to_thread(fitter.fit, messages, _SLOT, pieces, max_tokens)
             if "error" in fitted:
                 raise APIError(400, fitted["error"], param="max_tokens", code="context_length_exceeded")
             messages, used = fitted["messages"], fitted["used"]

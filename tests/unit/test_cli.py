@@ -23,8 +23,8 @@ def test_every_command_has_help(command):
 def test_version_names_the_stack():
     result = aero("version")
     assert result.returncode == 0
-    for name in ("aerollms", "ray", "torch", "deepspeed", "transformers"):
-        line = next(l for l in result.stdout.splitlines() if l.startswith(name + " "))
+    for name in ("aerollms", "ray", "torch", "deepspeed", "transformers", "vllm"):
+        line = next(l for l in result.stdout.splitlines() if l.startswith(name + " ") or l.startswith(name + "-cpu "))
         assert "not installed" not in line, line
     assert "ray 2.60" in result.stdout
 
