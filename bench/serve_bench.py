@@ -245,6 +245,7 @@ def main() -> None:
             asyncio.run(load(servers[name][0], 1, 2, 8, {}, servers[name][1]))  # warm-up
         except Exception as exc:  # a peer that does not run here is reported, not fatal
             print(f"{name}: did not run ({exc}); stderr: {proc.stderr.read()[-500:] if proc.poll() is not None else ''}")
+            proc.kill()
     # Each level is measured on every server back to back, `--rounds` times at the top level:
     # this VM's speed drifts by tens of percent within minutes, so a ratio is only fair between
     # measurements taken together. The ratio reported is the median of the per-round ratios.
@@ -267,7 +268,10 @@ def main() -> None:
                     rows[name][c] = measured[name]
     for proc in procs:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     rss0 = replica_rss_mb()
     statuses = asyncio.run(overload(f"{base}/v1/completions", 64, args.overload_s, {}, "m"))
     rss1 = replica_rss_mb()

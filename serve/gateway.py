@@ -316,6 +316,11 @@ class Gateway(QARoutes, FeedbackRoutes, PageRoutes):
                     batch = await stream.__anext__()
                 except StopAsyncIteration:
                     return
+                except Exception as exc:  # the replica died mid-stream: the client gets an error event
+                    yield "data: " + json.dumps({"error": {"message": f"model {spec.name} failed mid-stream "
+                                                                      f"({type(exc).__name__}); retry",
+                                                           "type": "server_error", "code": 503}})
+                    return
 
         async def close() -> None:
             _cancel(stream)  # the client left or the stream ended: vLLM drops the request
