@@ -4,9 +4,9 @@ admission limits, errors in OpenAI's shape, streaming over SSE.
 Local models are Ray Serve LLM deployments over vLLM (serve/llm_deployment.py), reached
 through their handles with Ray's OpenAI request objects: the client's JSON goes on whole, so
 what vLLM serves (token-id prompts, echo, n, seed, structured output) is served here. Remote
-upstreams (any OpenAI-compatible server) are reached through httpx. Both streams go through one
-relay, so one gateway fronts them with the same keys, limits and moderation. API keys reach the replicas only as SHA-256
-digests. With moderation on, every input is screened by the moderation deployment before a
+upstreams (any OpenAI-compatible server) are reached through httpx. Both kinds of stream go
+through one relay, so one gateway fronts them with the same keys, limits and moderation. API
+keys reach the replicas only as SHA-256 digests. With moderation on, every input is screened by the moderation deployment before a
 model sees it, and output is screened before the client does: whole answers, or streamed
 text held back and screened in windows. Requests that set `store: true` are kept in the
 feedback database. The Q&A, feedback and page routes live in their own modules
