@@ -182,6 +182,39 @@ def quantize_command(
                                         runs_dir=runs_dir, address=address))
 
 
+@app.command("generate")
+@user_errors
+def generate_command(
+    config: Annotated[Optional[Path], typer.Argument(help="A recipe with a `generate` section (or use --model/--input/--template).")] = None,
+    overrides: Overrides = None,
+    model: Annotated[Optional[Path], typer.Option(help="One-off: a model folder to generate with (vLLM).")] = None,
+    input_file: Annotated[Optional[Path], typer.Option("--input", help="One-off: a .jsonl or .parquet file of rows.")] = None,
+    template: Annotated[Optional[str], typer.Option(help="One-off: a Jinja file, or a prompt template name.vN.")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run", help="One-off: run name (default: generate-<input name>).")] = None,
+    runs_dir: Path = typer.Option(Path("runs"), help="Folder that holds run folders (one-off)."),
+    address: RayAddress = None,
+) -> None:
+    """Batch generation over a dataset on Ray Data LLM: the recipe's `generate` stage, or a one-off run."""
+    from cluster.runner import run_stage
+    from cluster.stages import load_command
+
+    if model or input_file or template:
+        if not (model and input_file and template):
+            raise UserError("a one-off run needs all of --model, --input and --template")
+        if config is not None:  # with the options, every argument is a setting (key=value)
+            overrides = [str(config), *(overrides or [])]
+        typer.echo(load_command("generate")(model, input_file, template, overrides or [], run=run_name,
+                                            runs_dir=runs_dir, address=address))
+        return
+    if config is None:
+        raise UserError("give a recipe with a `generate` section, or --model, --input and --template")
+    recipe = _recipe(config, overrides or [], [], address)
+    manifest = run_stage(recipe, "generate")
+    m = manifest.metrics
+    typer.echo(f"generate: {manifest.status}; {m.get('rows_generated')} rows generated, {m.get('rows_rejected')} "
+               f"rejected (of {m.get('rows_in')}); {manifest.outputs['generated'].path}")
+
+
 @app.command("serve")
 @user_errors
 def serve_command(

@@ -31,6 +31,7 @@ STAGE_TABLE: dict[str, str] = {
     "moderation": "serve.moderation.stage:STAGE",
     "qa_index": "serve.qa.stage:STAGE",
     "serve": "serve.app:STAGE",
+    "generate": "serve.generate.stage:STAGE",
     "tune": "tune.search:STAGE",
 }
 
@@ -46,6 +47,7 @@ def load_stage(name: str) -> Stage:
 
 COMMAND_TABLE: dict[str, str] = {
     "quantize": "jobs.quantize:quantize_model",
+    "generate": "serve.generate.stage:generate_one_off",
     "serve.status": "serve.app:status",
     "serve.shutdown": "serve.app:shutdown",
     "moderation.report": "serve.moderation.audit:report_for",

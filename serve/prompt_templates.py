@@ -50,8 +50,9 @@ class PromptTemplate(StrictModel):
         return out + [{"role": "user", "content": self.user.format(**values)}]
 
 
-def load_template(ref: str, dirs: list[str] = (), needs: set[str] = frozenset({"question"})) -> PromptTemplate:
-    """The template `ref` (`name.vN`) from the first of `dirs` (then the shipped folder) that has it."""
+def load_template(ref: str, dirs: list[str] = (), needs: set[str] | None = frozenset({"question"})) -> PromptTemplate:
+    """The template `ref` (`name.vN`) from the first of `dirs` (then the shipped folder) that has it;
+    its user text must use exactly the fields `needs` (None: any)."""
     for folder in [*map(Path, dirs), SHIPPED]:
         path = folder.expanduser() / f"{ref}.yaml"
         if path.is_file():
@@ -68,7 +69,7 @@ def load_template(ref: str, dirs: list[str] = (), needs: set[str] = frozenset({"
     if tpl.ref != ref:
         raise UserError(f"prompt template {path} says name {tpl.name!r} version {tpl.version}; its file name must be "
                         f"{tpl.ref}.yaml")
-    if tpl.fields() != set(needs):
+    if needs is not None and tpl.fields() != set(needs):
         raise UserError(f"prompt template {path}: its user text uses {{{', '.join(sorted(tpl.fields()))}}}; "
                         f"it must use exactly {{{', '.join(sorted(needs))}}}")
     return tpl

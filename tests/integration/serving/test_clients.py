@@ -95,3 +95,34 @@ def test_lm_eval_api_models_score_the_served_model(gateway, tmp_path, monkeypatc
         model="local-chat-completions", model_args=f"{common},base_url={gateway['base']}/v1/chat/completions",
         tasks=[generate], task_manager=tasks, limit=4, apply_chat_template=True)
     assert 0 <= chat["results"][generate]["exact_match,none"] <= 1
+
+
+@pytest.mark.slow
+def test_batch_generation_over_the_corpus_through_the_served_endpoint(gateway, post_run, tmp_path, monkeypatch):
+    """The generate stage over the data stage's documents, against an OpenAI-compatible upstream
+    (Ray Data LLM's HTTP processor): here the served app itself, with its key; the moderation
+    stage's classifier marks the outputs."""
+    import shutil
+
+    import pyarrow.dataset as pads
+
+    from cluster.runner import run_stage
+    from tests.conftest import recipe
+
+    monkeypatch.setenv("AERO_TEST_GEN_KEY", KEY)
+    shutil.copytree(post_run / "data", tmp_path / "gen" / "data")  # a run of its own over the trained run's corpus
+    tpl = tmp_path / "q.j2"
+    tpl.write_text("Passage: {{ text[:120] }}\nAsk one question about it.\nQuestion:")  # a 128-token context
+    section = {"input": "data", "template": str(tpl), "upstream": f"{gateway['base']}/v1", "upstream_model": "sft",
+               "api_key_env": "AERO_TEST_GEN_KEY", "sampling": {"max_tokens": 8}, "batch_size": 2, "max_rows": 6,
+               "moderation": {"enabled": True, "classifier": str(post_run / "moderation" / "classifier")}}
+    manifest = run_stage(recipe(tmp_path, "gen", stages=["generate"], generate=section), "generate")
+    rows = pads.dataset(str(tmp_path / "gen" / "generate" / "generated"), format="parquet").to_table().to_pylist()
+    assert manifest.metrics["rows_generated"] == len(rows) == 6 and manifest.metrics["rows_rejected"] == 0
+    docs = {d["doc_id"]: d["text"] for d in pads.dataset(str(post_run / "data" / "documents")).to_table().to_pylist()}
+    for r in rows:
+        assert r["__id__"] in docs and docs[r["__id__"]][:40] in json.loads(r["prompt"])[-1]["content"]  # its passage
+        assert r["generated_text"] and 0 < r["num_generated_tokens"] <= 8 and r["finish_reason"] in ("stop", "length")
+        assert r["num_input_tokens"] > 0 and isinstance(r["flagged"], bool)
+        assert json.loads(r["sampling"])["max_tokens"] == 8
+    assert manifest.metrics["rows_per_s"] > 0
