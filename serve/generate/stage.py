@@ -216,8 +216,8 @@ def generate(cfg: GenerateConfig, out_dir: Path, model_dir: Path | None, rows: l
                     good.append({ID: rec[ID], **{k: rec[k] for k in OUT_COLUMNS}, **meta})
             if moderator is not None and good:
                 for rec, v in zip(good, moderator.screen([r["generated_text"] for r in good], "output")):
-                    rec["flagged"] = bool(v["flagged"])
-                    rec["flag_categories"] = ",".join(sorted(c for c, f in v["categories"].items() if f))
+                    rec["flagged"] = bool(v.flagged)
+                    rec["flag_categories"] = ",".join(sorted(c for c, f in v.categories.items() if f))
             if good:
                 write_shard(gen_dir, good)
             if bad:
