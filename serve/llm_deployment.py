@@ -47,21 +47,20 @@ def vllm_unavailable() -> str | None:
     return None
 
 
-def context_length(path: str) -> int:
-    """The model's context: `max_position_embeddings` of its config.json."""
+def _model_config(path: str) -> dict[str, Any]:
     try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
+        return json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"serve: {path} is not a model folder (config.json: {exc})") from None
-    return int(cfg.get("max_position_embeddings") or 2048)
+
+
+def context_length(path: str) -> int:
+    """The model's context: `max_position_embeddings` of its config.json."""
+    return int(_model_config(path).get("max_position_embeddings") or 2048)
 
 
 def is_awq(path: str) -> bool:
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (cfg.get("quantization_config") or {}).get("quant_method") == "awq"
+    return (_model_config(path).get("quantization_config") or {}).get("quant_method") == "awq"
 
 
 def generation_overrides(spec: ModelSpec) -> dict[str, Any]:

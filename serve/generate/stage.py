@@ -111,7 +111,8 @@ def _chat_template(model_dir: Path) -> bool:
 
 
 def build(cfg: GenerateConfig, model_dir: Path | None):
-    """The Ray Data LLM processor for the recipe's engine, and whether prompts are chat messages."""
+    """The Ray Data LLM processor for the recipe's engine (chat messages where the model has a
+    chat template and `chat` allows it, else one plain prompt)."""
     from ray.data.llm import HttpRequestProcessorConfig, build_processor, vLLMEngineProcessorConfig
 
     s = cfg.sampling
@@ -140,7 +141,7 @@ def build(cfg: GenerateConfig, model_dir: Path | None):
                     "finish_reason": choice.get("finish_reason") or "", "__inference_error__": error}
 
         return build_processor(config, preprocess=pre, postprocess=post, preprocess_map_kwargs=light,
-                               postprocess_map_kwargs=light), True
+                               postprocess_map_kwargs=light)
 
     from serve.llm_deployment import context_length
 
@@ -166,7 +167,7 @@ def build(cfg: GenerateConfig, model_dir: Path | None):
                 "finish_reason": "length" if n >= s.max_tokens else "stop", "__inference_error__": ""}
 
     return build_processor(config, preprocess=pre, postprocess=post, preprocess_map_kwargs=light,
-                           postprocess_map_kwargs=light), chat
+                           postprocess_map_kwargs=light)
 
 
 # ---------- the run ----------
@@ -203,7 +204,7 @@ def generate(cfg: GenerateConfig, out_dir: Path, model_dir: Path | None, rows: l
     generated = errors = tokens = 0
     started = time.monotonic()
     if todo:
-        processor, _ = build(cfg, model_dir)
+        processor = build(cfg, model_dir)
         meta = {"model": str(model_dir) if model_dir else cfg.upstream_model or cfg.upstream,
                 "template": renderer.ref, "sampling": cfg.sampling.model_dump_json()}
         for batch in processor(ray.data.from_items(todo)).iter_batches(batch_size=cfg.shard_rows, batch_format="pandas"):
