@@ -4,7 +4,8 @@
 - instruction loss (answer tokens only) on held-out instruction pairs, for every model;
 - reward-model accuracy on held-out preference pairs (overall and per kind of rejected answer);
 - for every model: answers to held-out prompts (sampled at the temperature the policies were
-  trained with, the same seed for each), measured the way a reader sees them
+  trained with, the same seed for each; from transformers' `generate` in the task, or with
+  `vllm:` set from a vLLM engine per model on Ray Data LLM), measured the way a reader sees them
   (`jobs/text_quality.py`): degeneration (distinct-1/2, repeated 4-grams, answers that end in
   a loop) and an independent judge, ROUGE-L and chrF against the held-out reference answer;
   two of them are kept as samples;
@@ -41,7 +42,8 @@ from cluster.config import StrictModel
 from cluster.manifest import atomic_write_text
 from cluster.records import read_jsonl
 from cluster.stage import Stage, StageContext, StageResult, is_folder_ref
-from jobs.policy_sampling import answer_logprob, reward_score, sample_answers
+from jobs.policy_sampling import Messages, answer_logprob, end_of_turn, reward_score, sample_answers
+from jobs.vllm_batch import BatchEngine, rows_dataset, vllm_processor
 
 
 class EvalConfig(StrictModel):
@@ -62,6 +64,10 @@ class EvalConfig(StrictModel):
     samples_per_prompt: int = Field(default=2, ge=1, description="answers per prompt and model (same seed for each model)")
     seed: int = 0
     cpus: float = Field(default=1.0, gt=0, description="CPUs of the evaluation task")
+    vllm: BatchEngine | None = Field(default=None, description="the answers come from Ray Data LLM, a vLLM engine per "
+                                     "model with these settings; none: transformers' generate in the evaluation task "
+                                     "(on a small CPU machine, each engine's start costs more than a few hundred "
+                                     "short answers)")
 
 
 # The training reward each post-training stage logs (metrics.jsonl), for the reward-hacking guard.
@@ -145,10 +151,40 @@ def _accuracy(rm, rm_tok, pairs: list[dict]) -> tuple[float, dict[str, float], i
     return sum(every) / len(every), {k: sum(v) / len(v) for k, v in sorted(correct.items())}, len(every)
 
 
+def vllm_answers(cfg: EvalConfig, model_dir: str, prompts: list[Messages]) -> list[str]:
+    """`sample_answers`' answers (prompt-major, `samples_per_prompt` each, seed + k for the k-th
+    answer to a prompt, so two models differ only by their weights) from one vLLM engine on Ray
+    Data LLM, from the driver."""
+    from transformers import AutoTokenizer
+
+    assert cfg.vllm is not None
+    samples = cfg.samples_per_prompt
+    stops = [t for t in end_of_turn(AutoTokenizer.from_pretrained(model_dir)) if t is not None]
+    sampling = {"max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": 1.0,
+                "stop_token_ids": stops}
+    rows = [{"i": i * samples + k, "messages": p, "seed": cfg.seed + k} for i, p in enumerate(prompts) for k in range(samples)]
+
+    def pre(row: dict) -> dict:
+        return {"i": row["i"], "messages": row["messages"],
+                "sampling_params": {**sampling, **({"seed": row["seed"]} if cfg.temperature > 0 else {})}}
+
+    def post(row: dict) -> dict:
+        return {"i": row["i"], "text": row["generated_text"], "__inference_error__": ""}
+
+    processor = vllm_processor(cfg.vllm, Path(model_dir), chat=True, preprocess=pre, postprocess=post)
+    out = processor(rows_dataset(rows, cfg.vllm.batch_size)).take_all()
+    failed = [r["__inference_error__"] for r in out if r.get("__inference_error__")]
+    if failed or len(out) != len(rows):
+        raise RuntimeError(f"eval: vLLM answered {len(out) - len(failed)} of {len(rows)} prompts of {model_dir}: "
+                           f"{failed[:1]}")
+    return [r["text"] for r in sorted(out, key=lambda r: r["i"])]
+
+
 def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: dict, data: dict[str, str],
              trends: dict[str, tuple[float, float] | None] | None = None, judge_model: str | None = None,
-             lm_eval_dir: str | None = None) -> dict[str, Any]:
-    """Every figure of eval.json; runs inside one Ray task."""
+             lm_eval_dir: str | None = None, answered: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Every figure of eval.json; runs inside one Ray task. `answered`: each model's answers,
+    made beforehand (`vllm_answers`); else they are sampled here."""
     import statistics
 
     import torch
@@ -187,8 +223,9 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
         result["instruction_loss"][name] = total / max(count, 1)
         if cfg.lm_eval_tasks and lm_eval_dir:
             result["lm_eval"][name] = lm_eval_scores(model, tok, cfg.lm_eval_tasks, lm_eval_dir, cfg.lm_eval_limit)
-        answers = sample_answers(model, tok, prompts, samples=cfg.samples_per_prompt, temperature=cfg.temperature,
-                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        answers = (answered or {}).get(name) or sample_answers(
+            model, tok, prompts, samples=cfg.samples_per_prompt, temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         asked = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
         result["quality"][name] = {**degeneration(answers), **judge(answers, references)}
         every_prompt = slice(None, None, cfg.samples_per_prompt)  # two different prompts, not two answers to one
@@ -217,7 +254,8 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
     result["warnings"] = hacking_warnings(result["quality"], list(models), cfg.baseline, trends)
     result["prompts"] = len(prompts)
     result["answers_per_policy"] = len(prompts) * cfg.samples_per_prompt
-    result["sampling"] = {"temperature": cfg.temperature, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens}
+    result["sampling"] = {"temperature": cfg.temperature, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
+                          "engine": "vllm (Ray Data LLM)" if answered else "transformers"}
     return result
 
 
@@ -316,8 +354,13 @@ def run(ctx: StageContext, cfg: EvalConfig) -> StageResult:
     judge_model = str(ctx.model_dir(cfg.judge_stage).resolve()) if cfg.judge_stage else None
     tasks = write_lm_eval_tasks(ctx.stage_dir / "lm_eval", ctx.upstream_output("data", "documents"),
                                 Path(data["prefs_val"]), index["tokenizer"])
+    answered = None
+    if cfg.vllm is not None:
+        asked = [r["prompt"] for r in read_jsonl(Path(data["sft_val"]), cfg.prompts)]
+        answered = {name: vllm_answers(cfg, path, asked) for name, path in models.items()}
     task = ray.remote(num_cpus=cfg.cpus)(evaluate)
-    result = ray.get(task.remote(cfg, models, reward_model, index, data, trends, judge_model, str(tasks.resolve())))
+    result = ray.get(task.remote(cfg, models, reward_model, index, data, trends, judge_model, str(tasks.resolve()),
+                                 answered))
     atomic_write_text(ctx.stage_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(ctx.stage_dir / "eval.md", _table(result))
     metrics = {k: v for k, v in result.items() if isinstance(v, float)}

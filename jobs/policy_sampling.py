@@ -3,7 +3,9 @@
 both read answers the same way: the chat template, the end-of-turn stop, the model's context).
 
 Hand-written batching over transformers' `generate` because the answers are short and few
-(hundreds); a serving engine would only add start-up time here.
+(hundreds) on small recipes, where a serving engine's start costs more than the answers; the
+`eval` stage takes its answers from vLLM on Ray Data LLM instead when `eval.vllm` is set
+(the GPU recipes).
 """
 
 from __future__ import annotations

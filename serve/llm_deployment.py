@@ -11,12 +11,12 @@ echo with prompt logprobs, n, seed, stop, structured output) works as with `vllm
 from __future__ import annotations
 
 import importlib.util
-import json
 import platform
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import UserError
+from jobs.awq_loader import awq_settings
+from jobs.vllm_batch import context_length
 from serve.serve_config import ModelSpec
 
 
@@ -47,20 +47,8 @@ def vllm_unavailable() -> str | None:
     return None
 
 
-def _model_config(path: str) -> dict[str, Any]:
-    try:
-        return json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"serve: {path} is not a model folder (config.json: {exc})") from None
-
-
-def context_length(path: str) -> int:
-    """The model's context: `max_position_embeddings` of its config.json."""
-    return int(_model_config(path).get("max_position_embeddings") or 2048)
-
-
 def is_awq(path: str) -> bool:
-    return (_model_config(path).get("quantization_config") or {}).get("quant_method") == "awq"
+    return awq_settings(Path(path)) is not None
 
 
 def generation_overrides(spec: ModelSpec) -> dict[str, Any]:

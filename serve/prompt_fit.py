@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve.llm_deployment import context_length
+from jobs.vllm_batch import context_length
 
 
 class PromptFitter:

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from cluster.config import StrictModel
+from jobs.vllm_batch import BatchEngine
 
 
 class Sampling(StrictModel):
     max_tokens: int = Field(default=64, ge=1)
+    min_tokens: int = Field(default=0, ge=0, description="no end of sequence before this many tokens")
     temperature: float = Field(default=0.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     stop: list[str] = Field(default_factory=list, max_length=4)
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> "Sampling":
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) is over max_tokens ({self.max_tokens})")
+        return self
 
 
 class OutputModeration(StrictModel):
@@ -26,7 +34,10 @@ class OutputModeration(StrictModel):
     classifier: str = Field(default="moderation", description="the moderation stage (its `classifier`) or a folder")
 
 
-class GenerateConfig(StrictModel):
+class GenerateConfig(BatchEngine):
+    """The rows, the prompt, the model or upstream, the sampling; the engine's settings are
+    `BatchEngine`'s (`concurrency`: engine replicas, or parallel HTTP workers)."""
+
     input: str = Field(default="data", description="a .jsonl or .parquet file, a folder of .parquet files, or a "
                                                    "stage (the `data` stage: its cleaned documents)")
     id_field: str | None = Field(default=None, description="the input's row id column (default: `doc_id` for the "
@@ -46,17 +57,7 @@ class GenerateConfig(StrictModel):
     max_rows: int | None = Field(default=None, ge=1, description="only the first N rows (a dry run)")
     sample: int | None = Field(default=None, ge=1, description="a seeded random sample of N rows instead")
     sample_seed: int = 0
-    batch_size: int = Field(default=16, ge=1, description="rows per batch sent to the engine")
     shard_rows: int = Field(default=64, ge=1, description="rows per output parquet shard (the unit of resume)")
-    max_model_len: int | None = Field(default=None, ge=16)
-    cpus: float = Field(default=1.0, gt=0, description="the engine's CPU bundle (CPU machines)")
-    gpus: float = Field(default=0.0, ge=0, description="GPUs per engine replica (0: vLLM's CPU build)")
-    kv_cache_gib: int = Field(default=1, ge=1, description="vLLM's KV cache on CPU (VLLM_CPU_KVCACHE_SPACE)")
-    helper_cpus: float = Field(default=0.1, gt=0, description="CPUs of each light step around the engine (templating, "
-                                                               "tokenizing, pre/post-processing); Ray Data LLM's default "
-                                                               "of 1 each leaves a 2-CPU machine no room for the engine")
-    concurrency: int = Field(default=1, ge=1, description="engine replicas (or parallel HTTP workers)")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     moderation: OutputModeration = Field(default_factory=OutputModeration)
 
     @model_validator(mode="after")

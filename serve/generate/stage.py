@@ -24,6 +24,7 @@ from typing import Any
 from cluster.errors import UserError
 from cluster.manifest import atomic_write_text
 from cluster.stage import Stage, StageContext, StageResult, is_folder_ref
+from jobs.vllm_batch import http_map_kwargs, rows_dataset, vllm_processor
 from serve.generate.generate_config import GenerateConfig
 from serve.generate.prompt_rows import ID, PromptRenderer, plain_prompt, read_jsonl_rows
 
@@ -113,13 +114,12 @@ def _chat_template(model_dir: Path) -> bool:
 def build(cfg: GenerateConfig, model_dir: Path | None):
     """The Ray Data LLM processor for the recipe's engine (chat messages where the model has a
     chat template and `chat` allows it, else one plain prompt)."""
-    from ray.data.llm import HttpRequestProcessorConfig, build_processor, vLLMEngineProcessorConfig
+    from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
     s = cfg.sampling
-    light = {"num_cpus": cfg.helper_cpus}
     sampling = {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
                 "frequency_penalty": s.frequency_penalty, **({"seed": s.seed} if s.seed is not None else {}),
-                **({"stop": s.stop} if s.stop else {})}
+                **({"stop": s.stop} if s.stop else {}), **({"min_tokens": s.min_tokens} if s.min_tokens else {})}
     if cfg.upstream:
         key = os.environ.get(cfg.api_key_env or "", "")
         config = HttpRequestProcessorConfig(url=cfg.upstream.rstrip("/") + "/chat/completions",
@@ -140,21 +140,11 @@ def build(cfg: GenerateConfig, model_dir: Path | None):
                     "num_input_tokens": use.get("prompt_tokens", -1), "num_generated_tokens": use.get("completion_tokens", -1),
                     "finish_reason": choice.get("finish_reason") or "", "__inference_error__": error}
 
-        return build_processor(config, preprocess=pre, postprocess=post, preprocess_map_kwargs=light,
-                               postprocess_map_kwargs=light)
-
-    from serve.llm_deployment import context_length
+        mapping = http_map_kwargs(cfg)
+        return build_processor(config, preprocess=pre, postprocess=post, preprocess_map_kwargs=mapping,
+                               postprocess_map_kwargs=mapping)
 
     chat = cfg.chat == "on" or (cfg.chat == "auto" and _chat_template(model_dir))
-    gpu = cfg.gpus > 0
-    engine = {"max_model_len": min(cfg.max_model_len or 10**9, context_length(str(model_dir))),
-              "enforce_eager": not gpu, "max_num_seqs": cfg.batch_size, **cfg.engine_kwargs}
-    config = vLLMEngineProcessorConfig(
-        model_source=str(model_dir), engine_kwargs=engine, batch_size=cfg.batch_size, concurrency=cfg.concurrency,
-        should_continue_on_error=True, chat_template_stage={"enabled": chat, **light},
-        tokenize_stage={"enabled": True, **light}, detokenize_stage={"enabled": True, **light},
-        placement_group_config={"bundles": [{"GPU": cfg.gpus, "CPU": cfg.cpus} if gpu else {"CPU": cfg.cpus}]},
-        runtime_env=None if gpu else {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib)}})
 
     def pre(row: dict) -> dict:
         ask = {"messages": row["messages"]} if chat else {"prompt": plain_prompt(row["messages"])}
@@ -166,15 +156,13 @@ def build(cfg: GenerateConfig, model_dir: Path | None):
                 "num_input_tokens": int(row["num_input_tokens"]), "num_generated_tokens": n,
                 "finish_reason": "length" if n >= s.max_tokens else "stop", "__inference_error__": ""}
 
-    return build_processor(config, preprocess=pre, postprocess=post, preprocess_map_kwargs=light,
-                           postprocess_map_kwargs=light)
+    return vllm_processor(cfg, model_dir, chat=chat, preprocess=pre, postprocess=post)
 
 
 # ---------- the run ----------
 def generate(cfg: GenerateConfig, out_dir: Path, model_dir: Path | None, rows: list[dict], read_rejects: list[dict],
              classifier_dir: Path | None = None, log=print) -> dict[str, Any]:
     """Generate every row not yet written under `out_dir` (generated/ and rejects/ shards)."""
-    import ray
 
     gen_dir, rej_dir = out_dir / "generated", out_dir / "rejects"
     gen_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +195,7 @@ def generate(cfg: GenerateConfig, out_dir: Path, model_dir: Path | None, rows: l
         processor = build(cfg, model_dir)
         meta = {"model": str(model_dir) if model_dir else cfg.upstream_model or cfg.upstream,
                 "template": renderer.ref, "sampling": cfg.sampling.model_dump_json()}
-        for batch in processor(ray.data.from_items(todo)).iter_batches(batch_size=cfg.shard_rows, batch_format="pandas"):
+        for batch in processor(rows_dataset(todo, cfg.batch_size)).iter_batches(batch_size=cfg.shard_rows, batch_format="pandas"):
             good, bad = [], []
             for rec in batch.to_dict("records"):
                 err = rec.get("__inference_error__")

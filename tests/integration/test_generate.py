@@ -60,3 +60,40 @@ def test_a_killed_run_resumes_without_duplicates_and_rejects_add_up(post_run, tm
     assert len(reasons) == 2 and "rows.jsonl:121: not a JSON line" in reasons[0]
     assert "template field missing: 'text'" in reasons[1]
     assert "done earlier" in rerun.stdout and f"{before + 2} done earlier" in rerun.stdout
+
+
+@pytest.mark.slow
+def test_eval_takes_its_answers_from_vllm_on_ray_data_llm(post_run, tmp_path):
+    """`eval.vllm`: each model's answers come from a vLLM engine on Ray Data LLM; at temperature 0
+    and in float32 they are what transformers' greedy decoding gives."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from cluster.records import read_jsonl
+    from cluster.runner import run_stage
+    from jobs.awq_loader import load_causal_lm
+    from jobs.policy_sampling import sample_answers
+    from tests.conftest import recipe
+
+    for stage in ("data", "tokenizer", "chat_data", "dpo", "reward"):
+        shutil.copytree(post_run / stage, tmp_path / "evalvllm" / stage)
+    # DPO's model: its greedy answers have words, and they differ by prompt (SFT's are blank lines).
+    settings = {"models": ["dpo"], "policies": ["dpo"], "baseline": "dpo", "lm_eval_tasks": [], "prompts": 6,
+                "samples_per_prompt": 1,
+                "temperature": 0, "max_new_tokens": 16, "records": 8, "ppl_sequences": 4,
+                "vllm": {"engine_kwargs": {"dtype": "float32"}}}
+    manifest = run_stage(recipe(tmp_path, "evalvllm", eval=settings), "eval")
+    assert manifest.status == "finished"
+    result = json.loads((tmp_path / "evalvllm" / "eval" / "eval.json").read_text())
+    assert result["sampling"]["engine"] == "vllm (Ray Data LLM)" and result["answers_per_policy"] == 6
+    assert 0 < result["quality"]["dpo"]["distinct_2"] <= 1 and "rouge_l" in result["quality"]["dpo"]
+    assert list(result["mean_reward"]) == ["dpo"]
+
+    model_dir = post_run / "dpo" / "model"
+    prompts = [r["prompt"] for r in read_jsonl(tmp_path / "evalvllm" / "chat_data" / "sft_val.jsonl", 2)]
+    expected = sample_answers(load_causal_lm(str(model_dir)), AutoTokenizer.from_pretrained(model_dir), prompts,
+                              samples=1, temperature=0, max_new_tokens=16, seed=0)
+    got = [s["answer"] for s in result["samples"]["dpo"]]
+    assert all(e.split() for e in expected) and len(set(expected)) == 2, expected
+    assert [g.split()[:4] for g in got] == [e.split()[:4] for e in expected], (got, expected)

@@ -73,6 +73,21 @@ def test_bad_generate_configs_are_refused(tmp_path):
                              ({"template": "t.j2", "model": "sft", "upstream": "http://x/v1"}, "exactly one"),
                              ({"template": "t.j2", "upstream": "ftp://x"}, "http"),
                              ({"template": "t.j2", "model": "sft", "max_rows": 2, "sample": 2}, "not both"),
-                             ({"model": "sft"}, "template: required")]:
+                             ({"model": "sft"}, "template: required"),
+                             ({"template": "t.j2", "model": "sft", "cpu_threads": "all; rm -rf"}, "cpu_threads"),
+                             ({"template": "t.j2", "model": "sft", "sampling": {"max_tokens": 8, "min_tokens": 9}},
+                              "min_tokens \\(9\\) is over max_tokens \\(8\\)")]:
         with pytest.raises(ConfigError, match=message):
             recipe(tmp_path, generate=section)
+
+
+def test_eval_and_generate_share_the_batch_engine_settings(tmp_path):
+    from tests.conftest import recipe
+
+    r = recipe(tmp_path, eval={"vllm": {"gpus": 1, "batch_size": 64, "cpu_threads": "0-3"}},
+               generate={"template": "t.j2", "model": "sft", "gpus": 1, "batch_size": 64, "cpu_threads": "0-3"})
+    engine = r.stage_config("eval").vllm
+    assert engine is not None and engine.model_dump() == {
+        k: v for k, v in r.stage_config("generate").model_dump().items() if k in type(engine).model_fields}
+    with pytest.raises(ConfigError, match="eval.vllm.kv_cache_gib"):
+        recipe(tmp_path, eval={"vllm": {"kv_cache_gib": 0}})

@@ -21,7 +21,7 @@ ALLOWED = {
     "cluster": set(),
     "data_jobs": {"cluster"},
     "jobs": {"cluster"},
-    "serve": {"cluster", "jobs", "data_jobs"},  # jobs: model loading and memory estimates; data_jobs: record checks, PII patterns
+    "serve": {"cluster", "jobs", "data_jobs"},  # jobs: model loading, memory estimates, the batch engine; data_jobs: record checks, PII patterns
     "tune": {"cluster", "jobs"},
 }
 CHECKED = [*ALLOWED, "bench", "tests"]

@@ -15,7 +15,7 @@ from tests.conftest import free_port, recipe
 KEY = "test-key-1"
 CHECK_QUESTIONS = ["What does the for statement do?", "Explain the list type.", "What is a dict?"]
 LIGHT = {"num_cpus": 0, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-LLM = {**LIGHT, "num_cpus": 0.1}  # a placement bundle of a tenth of a CPU: four fit beside the training tests' 2
+LLM = {**LIGHT, "num_cpus": 0.1}  # a placement bundle of a tenth of a CPU: three fit beside the training tests' 2
 # The Q&A test collection: a tiny folder of documents on unrelated topics.
 QA_DOCS = {
     "zebras.md": "# Zebra care\n\nZebras graze on grasses for most of the day and drink water every morning. "
@@ -46,7 +46,7 @@ def gateway(post_run, tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     # The test models are barely trained and emit fragments ("s.", "thes thes.") that the classifier may
     # misread; here outputs are only logged, and the strict app below checks output blocking on a model
-    # whose output is known. Four vLLM engines: each costs ~1 GB and a start of ~1 min on 2 cores.
+    # whose output is known. Three vLLM engines: each costs ~1 GB and a start of ~1 min on 2 cores.
     section = {
         "port": port, "ingress": {**LIGHT, "max_ongoing_requests": 64, "max_queued_requests": 64},
         "moderation": {"policy": {c: {"output": "log"} for c in OPENAI_CATEGORIES}, "deployment": LIGHT},
@@ -55,18 +55,17 @@ def gateway(post_run, tmp_path_factory):
             {"name": "sft", "source": "sft", "deployment": LLM,
              "engine_kwargs": {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
                                "enable_log_requests": True}},
-            {"name": "awq", "source": "quantize", "deployment": LLM},
+            # Tight limits: one sequence at a time, one waiting at the replica, six at the gateway.
+            {"name": "awq", "source": "quantize", "max_batch": 1, "max_concurrent": 6,
+             "deployment": {**LLM, "max_ongoing_requests": 1, "max_queued_requests": 1}},
             {"name": "remote", "upstream": f"{base}/v1", "upstream_model": "sft",
              "api_key_env": "AERO_TEST_UPSTREAM_KEY"},
             # Long answers (1,024-token context) sent in many messages: a page test sees a stream
-            # of several pieces even after output moderation's windows.
+            # of several pieces even after output moderation's windows. A default frequency
+            # penalty: greedy alternates its two words unless a request sets its own.
             {"name": "lister", "source": str(said), "default_max_tokens": 600, "stream_interval_ms": 20,
+             "sampling_defaults": {"frequency_penalty": 1.0},
              "engine_kwargs": {"enable_log_requests": True}, "deployment": LLM},
-            # The same words with a default frequency penalty (greedy alternates them), and tight
-            # limits: one sequence at a time, one waiting at the replica, six at the gateway.
-            {"name": "lister-fp", "source": str(said), "sampling_defaults": {"frequency_penalty": 1.0},
-             "max_batch": 1, "max_concurrent": 6,
-             "deployment": {**LLM, "max_ongoing_requests": 1, "max_queued_requests": 1}},
         ],
         # The stage's check of what users see, kept short: three questions, four held-out Q&A items.
         "check": {"questions": CHECK_QUESTIONS, "max_tokens": 16, "max_qa_items": 4},
