@@ -5,7 +5,8 @@
 - reward-model accuracy on held-out preference pairs (overall and per kind of rejected answer);
 - for every model: answers to held-out prompts (sampled at the temperature the policies were
   trained with, the same seed for each; from transformers' `generate` in the task, or with
-  `vllm:` set from a vLLM engine per model on Ray Data LLM), measured the way a reader sees them
+  `vllm:` set from a vLLM engine per model on Ray Data LLM, which then also gives the reward
+  and judge models' scores of them), measured the way a reader sees them
   (`jobs/text_quality.py`): degeneration (distinct-1/2, repeated 4-grams, answers that end in
   a loop) and an independent judge, ROUGE-L and chrF against the held-out reference answer;
   two of them are kept as samples;
@@ -42,8 +43,8 @@ from cluster.config import StrictModel
 from cluster.manifest import atomic_write_text
 from cluster.records import read_jsonl
 from cluster.stage import Stage, StageContext, StageResult, is_folder_ref
-from jobs.policy_sampling import Messages, answer_logprob, end_of_turn, reward_score, sample_answers
-from jobs.vllm_batch import BatchEngine, rows_dataset, vllm_processor
+from jobs.policy_sampling import Messages, answer_logprob, end_of_turn, reward_input_ids, reward_score, sample_answers
+from jobs.vllm_batch import BatchEngine, context_length, rows_dataset, vllm_processor
 
 
 class EvalConfig(StrictModel):
@@ -172,19 +173,54 @@ def vllm_answers(cfg: EvalConfig, model_dir: str, prompts: list[Messages]) -> li
         return {"i": row["i"], "text": row["generated_text"], "__inference_error__": ""}
 
     processor = vllm_processor(cfg.vllm, Path(model_dir), chat=True, preprocess=pre, postprocess=post)
-    out = processor(rows_dataset(rows, cfg.vllm.batch_size)).take_all()
+    return [r["text"] for r in sorted(_take_all(processor, rows, cfg.vllm.batch_size, model_dir), key=lambda r: r["i"])]
+
+
+def _take_all(processor, rows: list[dict], batch_size: int, what: str) -> list[dict]:
+    out = processor(rows_dataset(rows, batch_size)).take_all()
     failed = [r["__inference_error__"] for r in out if r.get("__inference_error__")]
     if failed or len(out) != len(rows):
-        raise RuntimeError(f"eval: vLLM answered {len(out) - len(failed)} of {len(rows)} prompts of {model_dir}: "
-                           f"{failed[:1]}")
-    return [r["text"] for r in sorted(out, key=lambda r: r["i"])]
+        raise RuntimeError(f"eval: vLLM took {len(out) - len(failed)} of {len(rows)} rows of {what}: {failed[:1]}")
+    return out
+
+
+def vllm_scores(cfg: EvalConfig, reward_dir: str, asked: list[Messages], answers: dict[str, list[str]]) -> dict[str, list[float]]:
+    """`reward_score` for every model's answers (`asked[k]` answered by `answers[model][k]`):
+    the reward model's raw output on the same tokens, from one vLLM pooling engine on Ray Data LLM."""
+    from transformers import AutoTokenizer
+
+    assert cfg.vllm is not None
+    tok = AutoTokenizer.from_pretrained(reward_dir)
+    context = context_length(reward_dir)
+    rows = [{"who": name, "k": k, "ids": reward_input_ids(tok, p, a, context)}
+            for name, texts in answers.items() for k, (p, a) in enumerate(zip(asked, texts))]
+
+    def pre(row: dict) -> dict:
+        return {"who": row["who"], "k": row["k"], "tokenized_prompt": row["ids"],
+                "pooling_params": {"use_activation": False}}  # the raw score, as the reward model's head gives it
+
+    def post(row: dict) -> dict:
+        import numpy as np
+
+        return {"who": row["who"], "k": row["k"], "score": float(np.asarray(row["embeddings"]).reshape(-1)[0]),
+                "__inference_error__": ""}
+
+    processor = vllm_processor(cfg.vllm, Path(reward_dir), chat=False, preprocess=pre, postprocess=post, task="classify")
+    out = _take_all(processor, rows, cfg.vllm.batch_size, reward_dir)
+    scores: dict[str, list[float]] = {name: [0.0] * len(texts) for name, texts in answers.items()}
+    for r in out:
+        scores[r["who"]][r["k"]] = r["score"]
+    return scores
 
 
 def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: dict, data: dict[str, str],
              trends: dict[str, tuple[float, float] | None] | None = None, judge_model: str | None = None,
-             lm_eval_dir: str | None = None, answered: dict[str, list[str]] | None = None) -> dict[str, Any]:
+             lm_eval_dir: str | None = None, answered: dict[str, list[str]] | None = None,
+             scored: dict[str, dict[str, list[float]]] | None = None) -> dict[str, Any]:
     """Every figure of eval.json; runs inside one Ray task. `answered`: each model's answers,
-    made beforehand (`vllm_answers`); else they are sampled here."""
+    made beforehand (`vllm_answers`), and `scored`: their scores by the "reward" and "judge"
+    models (`vllm_scores`); else they are sampled and scored here."""
+    scored = scored or {}
     import statistics
 
     import torch
@@ -235,10 +271,10 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
             margins = [answer_logprob(model, tok, r["prompt"], r["chosen"][0]["content"])[0]
                        - answer_logprob(model, tok, r["prompt"], r["rejected"][0]["content"])[0] for r in prefs_val]
             result["logprob_margin"][name] = statistics.fmean(margins)
-            scores[name] = [reward_score(rm, rm_tok, p, a) for p, a in zip(asked, answers)]
+            scores[name] = scored.get("reward", {}).get(name) or [reward_score(rm, rm_tok, p, a) for p, a in zip(asked, answers)]
             result["mean_reward"][name] = statistics.fmean(scores[name])
         if judge_rm is not None:  # every model, the served copy too
-            judged[name] = [reward_score(*judge_rm, p, a) for p, a in zip(asked, answers)]
+            judged[name] = scored.get("judge", {}).get(name) or [reward_score(*judge_rm, p, a) for p, a in zip(asked, answers)]
     for figure, by_model in (("win_rate", scores), ("judge_win_rate", judged)):
         base = by_model.get(cfg.baseline)
         for name, own in by_model.items():
@@ -255,7 +291,8 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
     result["prompts"] = len(prompts)
     result["answers_per_policy"] = len(prompts) * cfg.samples_per_prompt
     result["sampling"] = {"temperature": cfg.temperature, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
-                          "engine": "vllm (Ray Data LLM)" if answered else "transformers"}
+                          "engine": "vllm (Ray Data LLM)" if answered else "transformers",
+                          "scored_by": "vllm (Ray Data LLM)" if scored else "transformers"}
     return result
 
 
@@ -354,13 +391,17 @@ def run(ctx: StageContext, cfg: EvalConfig) -> StageResult:
     judge_model = str(ctx.model_dir(cfg.judge_stage).resolve()) if cfg.judge_stage else None
     tasks = write_lm_eval_tasks(ctx.stage_dir / "lm_eval", ctx.upstream_output("data", "documents"),
                                 Path(data["prefs_val"]), index["tokenizer"])
-    answered = None
-    if cfg.vllm is not None:
-        asked = [r["prompt"] for r in read_jsonl(Path(data["sft_val"]), cfg.prompts)]
-        answered = {name: vllm_answers(cfg, path, asked) for name, path in models.items()}
+    answered = scored = None
+    if cfg.vllm is not None:  # answers and their scores from vLLM engines, before the evaluation task
+        prompts = [r["prompt"] for r in read_jsonl(Path(data["sft_val"]), cfg.prompts)]
+        answered = {name: vllm_answers(cfg, path, prompts) for name, path in models.items()}
+        asked = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+        scored = {"reward": vllm_scores(cfg, reward_model, asked, {n: a for n, a in answered.items() if n in cfg.policies})}
+        if judge_model:
+            scored["judge"] = vllm_scores(cfg, judge_model, asked, answered)
     task = ray.remote(num_cpus=cfg.cpus)(evaluate)
     result = ray.get(task.remote(cfg, models, reward_model, index, data, trends, judge_model, str(tasks.resolve()),
-                                 answered))
+                                 answered, scored))
     atomic_write_text(ctx.stage_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(ctx.stage_dir / "eval.md", _table(result))
     metrics = {k: v for k, v in result.items() if isinstance(v, float)}

@@ -58,13 +58,17 @@ def answer_logprob(model, tokenizer, prompt: Messages, answer: str) -> tuple[flo
     return float(answer_part.sum()), len(answer_part)
 
 
+def reward_input_ids(tokenizer, prompt: Messages, answer: str, context: int) -> list[int]:
+    """What a reward model reads for one answer to one prompt: the chat, truncated to its context."""
+    text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
+    return tokenizer(text, add_special_tokens=False, truncation=True, max_length=context)["input_ids"]
+
+
 def reward_score(rm, tokenizer, prompt: Messages, answer: str) -> float:
-    """The reward model's scalar for one answer to one prompt (truncated to its context)."""
+    """The reward model's scalar for one answer to one prompt."""
     import torch
 
-    text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", truncation=True,
-                    max_length=rm.config.max_position_embeddings)["input_ids"].to(rm.device)
+    ids = torch.tensor([reward_input_ids(tokenizer, prompt, answer, rm.config.max_position_embeddings)], device=rm.device)
     with torch.no_grad():
         return float(rm(input_ids=ids).logits[0, 0])
 

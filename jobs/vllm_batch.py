@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -50,11 +50,13 @@ def context_length(path: str | Path) -> int:
 
 
 def vllm_processor(engine: BatchEngine, model_dir: Path, *, chat: bool, preprocess: Callable[[dict], dict],
-                   postprocess: Callable[[dict], dict]):
-    """`build_processor` over `model_dir`: rows from `preprocess` carry `messages` (chat: the
-    model's chat template is applied) or `prompt`, and `sampling_params`; an AWQ folder runs as
-    4-bit weights. A row the engine refuses (a prompt over the context) comes back with its
-    `__inference_error__` instead of failing the job."""
+                   postprocess: Callable[[dict], dict], task: Literal["generate", "classify"] = "generate"):
+    """`build_processor` over `model_dir`. `generate`: rows from `preprocess` carry `messages`
+    (chat: the model's chat template is applied) or `prompt`, and `sampling_params`; an AWQ
+    folder runs as 4-bit weights. `classify` (a sequence-classification model, e.g. a reward
+    model): rows carry `tokenized_prompt` and `pooling_params`, and come back with the class
+    scores in `embeddings`. A row the engine refuses (a prompt over the context) comes back
+    with its `__inference_error__` instead of failing the job."""
     from ray.data import TaskPoolStrategy
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -65,11 +67,12 @@ def vllm_processor(engine: BatchEngine, model_dir: Path, *, chat: bool, preproce
               "enforce_eager": not gpu, "max_num_seqs": engine.batch_size,
               **({"quantization": "awq"} if awq_settings(model_dir) else {}), **engine.engine_kwargs}
     config = vLLMEngineProcessorConfig(
-        model_source=str(model_dir), engine_kwargs=kwargs, batch_size=engine.batch_size,
+        model_source=str(model_dir), engine_kwargs=kwargs, batch_size=engine.batch_size, task_type=task,
         concurrency=engine.concurrency, should_continue_on_error=True, chat_template_stage={"enabled": chat, **light},
         # Separate tokenizing actors keep a GPU busy; on CPU they only take cores from the
-        # engine, which tokenizes and detokenizes itself.
-        tokenize_stage={"enabled": gpu, **light}, detokenize_stage={"enabled": gpu, **light},
+        # engine, which tokenizes and detokenizes itself. Classification rows come tokenized.
+        tokenize_stage={"enabled": gpu and task == "generate", **light},
+        detokenize_stage={"enabled": gpu and task == "generate", **light},
         placement_group_config={"bundles": [{"GPU": engine.gpus, "CPU": engine.cpus} if gpu else {"CPU": engine.cpus}]},
         runtime_env=None if gpu else {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
                                                    "VLLM_CPU_OMP_THREADS_BIND": engine.cpu_threads}})
