@@ -220,7 +220,6 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
     """Every figure of eval.json; runs inside one Ray task. `answered`: each model's answers,
     made beforehand (`vllm_answers`), and `scored`: their scores by the "reward" and "judge"
     models (`vllm_scores`); else they are sampled and scored here."""
-    scored = scored or {}
     import statistics
 
     import torch
@@ -230,6 +229,7 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
     from jobs.text_quality import degeneration, judge
 
     torch.manual_seed(0)
+    answered, scored = answered or {}, scored or {}
     sft_val = read_jsonl(Path(data["sft_val"]), cfg.records)
     prefs_val = read_jsonl(Path(data["prefs_val"]), cfg.records)
     asked_records = read_jsonl(Path(data["sft_val"]), cfg.prompts)
@@ -259,7 +259,7 @@ def evaluate(cfg: EvalConfig, models: dict[str, str], reward_model: str, index: 
         result["instruction_loss"][name] = total / max(count, 1)
         if cfg.lm_eval_tasks and lm_eval_dir:
             result["lm_eval"][name] = lm_eval_scores(model, tok, cfg.lm_eval_tasks, lm_eval_dir, cfg.lm_eval_limit)
-        answers = (answered or {}).get(name) or sample_answers(
+        answers = answered.get(name) or sample_answers(
             model, tok, prompts, samples=cfg.samples_per_prompt, temperature=cfg.temperature,
             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         asked = [p for p in prompts for _ in range(cfg.samples_per_prompt)]

@@ -163,7 +163,6 @@ def build(cfg: GenerateConfig, model_dir: Path | None):
 def generate(cfg: GenerateConfig, out_dir: Path, model_dir: Path | None, rows: list[dict], read_rejects: list[dict],
              classifier_dir: Path | None = None, log=print) -> dict[str, Any]:
     """Generate every row not yet written under `out_dir` (generated/ and rejects/ shards)."""
-
     gen_dir, rej_dir = out_dir / "generated", out_dir / "rejects"
     gen_dir.mkdir(parents=True, exist_ok=True)
     rej_dir.mkdir(parents=True, exist_ok=True)
