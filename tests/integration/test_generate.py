@@ -69,40 +69,40 @@ def test_eval_takes_its_answers_from_vllm_on_ray_data_llm(post_run, tmp_path):
     greedy decoding and the reward model's forward pass give."""
     import shutil
 
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from cluster.records import read_jsonl
     from cluster.runner import run_stage
     from jobs.awq_loader import load_causal_lm
-    from transformers import AutoModelForSequenceClassification
-
     from jobs.policy_sampling import reward_score, sample_answers
     from tests.conftest import recipe
 
-    for stage in ("data", "tokenizer", "chat_data", "dpo", "reward"):
+    prompts = [r["prompt"] for r in read_jsonl(post_run / "chat_data" / "sft_val.jsonl", 6)]
+
+    def greedy(name: str) -> list[str]:
+        model_dir = post_run / name / "model"
+        return sample_answers(load_causal_lm(str(model_dir)), AutoTokenizer.from_pretrained(model_dir), prompts,
+                              samples=1, temperature=0, max_new_tokens=16, seed=0)
+
+    # The most telling policy: one whose greedy answers have words that differ by prompt (a
+    # barely trained one may answer every prompt with blank lines), else DPO's.
+    answers = {name: greedy(name) for name in ("dpo", "grpo", "sft")}
+    name = next((n for n, a in answers.items() if all(x.split() for x in a[:2]) and a[0] != a[1]), "dpo")
+    expected = answers[name]
+    for stage in ("data", "tokenizer", "chat_data", name, "reward"):
         shutil.copytree(post_run / stage, tmp_path / "evalvllm" / stage)
-    # DPO's model: its greedy answers have words, and they differ by prompt (SFT's are blank lines).
-    settings = {"models": ["dpo"], "policies": ["dpo"], "baseline": "dpo", "lm_eval_tasks": [], "prompts": 6,
-                "samples_per_prompt": 1,
-                "temperature": 0, "max_new_tokens": 16, "records": 8, "ppl_sequences": 4,
+    settings = {"models": [name], "policies": [name], "baseline": name, "lm_eval_tasks": [], "prompts": 6,
+                "samples_per_prompt": 1, "temperature": 0, "max_new_tokens": 16, "records": 8, "ppl_sequences": 4,
                 "vllm": {"engine_kwargs": {"dtype": "float32"}}}
     manifest = run_stage(recipe(tmp_path, "evalvllm", eval=settings), "eval")
     assert manifest.status == "finished"
     result = json.loads((tmp_path / "evalvllm" / "eval" / "eval.json").read_text())
     assert result["sampling"]["engine"] == result["sampling"]["scored_by"] == "vllm (Ray Data LLM)"
     assert result["answers_per_policy"] == 6
-    assert 0 < result["quality"]["dpo"]["distinct_2"] <= 1 and "rouge_l" in result["quality"]["dpo"]
-    assert list(result["mean_reward"]) == ["dpo"]
-
-    model_dir = post_run / "dpo" / "model"
-    prompts = [r["prompt"] for r in read_jsonl(tmp_path / "evalvllm" / "chat_data" / "sft_val.jsonl", 6)]
-    expected = sample_answers(load_causal_lm(str(model_dir)), AutoTokenizer.from_pretrained(model_dir), prompts,
-                              samples=1, temperature=0, max_new_tokens=16, seed=0)
-    got = [s["answer"] for s in result["samples"]["dpo"]]
-    assert all(e.split() for e in expected[:2]) and len(set(expected[:2])) == 2, expected
-    assert got == [e[:300] for e in expected[:2]]
+    assert 0 <= result["quality"][name]["distinct_2"] <= 1 and "rouge_l" in result["quality"][name]
+    assert list(result["mean_reward"]) == [name]
+    assert [s["answer"] for s in result["samples"][name]] == [e[:300] for e in expected[:2]], (name, expected)
     reward_dir = post_run / "reward" / "model"
     rm = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
-    rm_tok = AutoTokenizer.from_pretrained(reward_dir)
-    scores = [reward_score(rm, rm_tok, p, a) for p, a in zip(prompts, expected)]
-    assert len(set(scores)) > 1 and abs(result["mean_reward"]["dpo"] - sum(scores) / len(scores)) < 1e-3, scores
+    scores = [reward_score(rm, AutoTokenizer.from_pretrained(reward_dir), p, a) for p, a in zip(prompts, expected)]
+    assert len(set(scores)) > 1 and abs(result["mean_reward"][name] - sum(scores) / len(scores)) < 1e-3, scores
