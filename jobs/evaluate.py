@@ -66,7 +66,8 @@ class EvalConfig(StrictModel):
     seed: int = 0
     cpus: float = Field(default=1.0, gt=0, description="CPUs of the evaluation task")
     vllm: BatchEngine | None = Field(default=None, description="the answers come from Ray Data LLM, a vLLM engine per "
-                                     "model with these settings; none: transformers' generate in the evaluation task "
+                                     "model with these settings, and the reward and judge models score them on a vLLM "
+                                     "engine each; none: transformers in the evaluation task "
                                      "(on a small CPU machine, each engine's start costs more than a few hundred "
                                      "short answers)")
 

@@ -57,11 +57,9 @@ def vllm_processor(engine: BatchEngine, model_dir: Path, *, chat: bool, preproce
     model): rows carry `tokenized_prompt` and `pooling_params`, and come back with the class
     scores in `embeddings`. A row the engine refuses (a prompt over the context) comes back
     with its `__inference_error__` instead of failing the job."""
-    from ray.data import TaskPoolStrategy
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     light = {"num_cpus": engine.helper_cpus}
-    mapping = {**light, "compute": TaskPoolStrategy(size=engine.concurrency)}
     gpu = engine.gpus > 0
     kwargs = {"max_model_len": min(engine.max_model_len or 10**9, context_length(model_dir)),
               "enforce_eager": not gpu, "max_num_seqs": engine.batch_size,
@@ -76,12 +74,14 @@ def vllm_processor(engine: BatchEngine, model_dir: Path, *, chat: bool, preproce
         placement_group_config={"bundles": [{"GPU": engine.gpus, "CPU": engine.cpus} if gpu else {"CPU": engine.cpus}]},
         runtime_env=None if gpu else {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
                                                    "VLLM_CPU_OMP_THREADS_BIND": engine.cpu_threads}})
+    mapping = map_kwargs(engine)
     return build_processor(config, preprocess=preprocess, postprocess=postprocess, preprocess_map_kwargs=mapping,
                            postprocess_map_kwargs=mapping)
 
 
-def http_map_kwargs(engine: BatchEngine) -> dict[str, Any]:
-    """The row mapping's resources around an HTTP processor (the same small pool)."""
+def map_kwargs(engine: BatchEngine) -> dict[str, Any]:
+    """The row mapping's resources around any processor (vLLM's or an HTTP one): a pool of
+    `concurrency` small tasks."""
     from ray.data import TaskPoolStrategy
 
     return {"num_cpus": engine.helper_cpus, "compute": TaskPoolStrategy(size=engine.concurrency)}

@@ -47,10 +47,6 @@ def vllm_unavailable() -> str | None:
     return None
 
 
-def is_awq(path: str) -> bool:
-    return awq_settings(Path(path)) is not None
-
-
 def generation_overrides(spec: ModelSpec) -> dict[str, Any]:
     """vLLM's `override_generation_config`: what a request that does not set these gets. (Not
     `max_new_tokens`: vLLM makes that a cap on every request; the gateway fills in
@@ -74,7 +70,7 @@ def llm_config(spec: ModelSpec, path: str):
     engine = {"max_model_len": min(spec.max_model_len or 10**9, context_length(path)),
               "max_num_seqs": spec.max_batch, "enforce_eager": spec.enforce_eager if spec.enforce_eager is not None
               else not gpu, "override_generation_config": generation_overrides(spec), "generation_config": "vllm"}
-    if is_awq(path):
+    if awq_settings(Path(path)):
         engine["quantization"] = "awq"  # 4-bit weights in vLLM's AWQ kernels (CPUWNA16 on CPU)
     engine.update(spec.engine_kwargs)
     limits = spec.deployment

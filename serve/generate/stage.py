@@ -24,7 +24,7 @@ from typing import Any
 from cluster.errors import UserError
 from cluster.manifest import atomic_write_text
 from cluster.stage import Stage, StageContext, StageResult, is_folder_ref
-from jobs.vllm_batch import http_map_kwargs, rows_dataset, vllm_processor
+from jobs.vllm_batch import map_kwargs, rows_dataset, vllm_processor
 from serve.generate.generate_config import GenerateConfig
 from serve.generate.prompt_rows import ID, PromptRenderer, plain_prompt, read_jsonl_rows
 
@@ -140,7 +140,7 @@ def build(cfg: GenerateConfig, model_dir: Path | None):
                     "num_input_tokens": use.get("prompt_tokens", -1), "num_generated_tokens": use.get("completion_tokens", -1),
                     "finish_reason": choice.get("finish_reason") or "", "__inference_error__": error}
 
-        mapping = http_map_kwargs(cfg)
+        mapping = map_kwargs(cfg)
         return build_processor(config, preprocess=pre, postprocess=post, preprocess_map_kwargs=mapping,
                                postprocess_map_kwargs=mapping)
 
