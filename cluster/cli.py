@@ -362,6 +362,24 @@ def cluster_up(
         typer.echo(f"export RAY_ADDRESS=127.0.0.1:{port}   # stages join it; aero jobs uses {url}")
 
 
+@cluster_app.command("k8s")
+@user_errors
+def cluster_k8s(
+    config: Recipe,
+    overrides: Overrides = None,
+    out: Path = typer.Option(Path("k8s"), help="Folder the manifests are written to."),
+    recipe_path: Optional[str] = typer.Option(None, help="The recipe's path inside the image (default: its place "
+                                                         "in the project, under the Dockerfile's /home/ray/aerollms)."),
+) -> None:
+    """Write KubeRay manifests for the recipe: a RayCluster, a RayJob running the pipeline and a
+    RayService for its serve stage, shaped by the cluster file's node types."""
+    from cluster.k8s import write_manifests
+
+    recipe = _recipe(config, overrides or [], [], None)
+    for path in write_manifests(recipe, out, recipe_path):
+        typer.echo(str(path))
+
+
 @cluster_app.command("down")
 @user_errors
 def cluster_down(

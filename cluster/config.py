@@ -46,6 +46,8 @@ class Recipe(StrictModel):
     # An artifact store URI (s3://, gs://, hdfs://, file://...): finished stage folders are
     # mirrored there and Ray Train/Tune checkpoint there (see cluster/artifact_store.py).
     storage: str | None = None
+    # KubeRay manifests' settings (`aero cluster k8s`; validated by cluster/k8s.py's KubernetesConfig).
+    kubernetes: dict[str, Any] | None = None
     # Validated stage sections, keyed by stage name (filled by load_recipe).
     stage_configs: dict[str, Any] = Field(default_factory=dict, exclude=True)
     source: Path | None = Field(default=None, exclude=True)
@@ -78,7 +80,7 @@ class Recipe(StrictModel):
         return self.stage_configs[name]
 
 
-RECIPE_KEYS = ("run", "runs_dir", "ray", "stages", "storage")
+RECIPE_KEYS = ("run", "runs_dir", "ray", "stages", "storage", "kubernetes")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

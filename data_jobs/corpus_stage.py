@@ -39,6 +39,9 @@ class CorpusConfig(StrictModel):
     max_doc_chars: int = Field(default=1_000_000, ge=1)
     part_bytes: int = Field(default=32 << 20, ge=1, description="input bytes per resumable part")
     blocks_per_part: int = Field(default=8, ge=1)
+    task_resources: dict[str, float] = Field(
+        default_factory=dict, description="more Ray resources each cleaning task asks for, e.g. a custom resource "
+                                          "that only the CPU worker pool offers, to keep cleaning off the head")
     shuffle_partitions: int = Field(default=4, ge=1, description="hash partitions of the dedup groupbys")
     val_fraction: float = Field(default=0.05, ge=0, lt=0.5, description="share of documents held out, by content hash")
     quality: QualityConfig = QualityConfig()
@@ -138,6 +141,7 @@ def _clean_parts(ctx: StageContext, config: CorpusConfig, files: list[SourceFile
             clean_files,
             batch_size=4,
             batch_format="pandas",
+            resources=config.task_resources or None,
             fn_kwargs={
                 "text_field": config.text_field, "max_doc_chars": config.max_doc_chars,
                 "quality": config.quality.model_dump(), "pii": config.pii.model_dump(),

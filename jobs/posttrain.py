@@ -137,7 +137,7 @@ PLOTTED = {"sft": "loss", "reward": "loss", "dpo": "loss", "grpo": "reward"}
 
 
 def run(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> StageResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from jobs.trl_worker import export_checkpoint, trl_train_loop
@@ -146,9 +146,7 @@ def run(kind: str, ctx: StageContext, cfg: PostTrainConfig) -> StageResult:
     trainer = TorchTrainer(
         trl_train_loop,
         train_loop_config={"kind": kind, "config": cfg.model_dump(), "paths": paths},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-                                     placement_strategy=cfg.scaling.placement_strategy),
+        scaling_config=cfg.scaling.ray_scaling(),
         run_config=RunConfig(
             name=kind, storage_path=ctx.checkpoint_storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),

@@ -83,7 +83,7 @@ def _plot_losses(history: list[dict], path: Path) -> None:
 
 def run(ctx: StageContext, cfg: PretrainConfig) -> StageResult:
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from jobs.train_loop import ray_train_loop
@@ -100,10 +100,7 @@ def run(ctx: StageContext, cfg: PretrainConfig) -> StageResult:
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={"config": cfg.model_dump(), "plan": plan},
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-            placement_strategy=cfg.scaling.placement_strategy,
-        ),
+        scaling_config=cfg.scaling.ray_scaling(),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(

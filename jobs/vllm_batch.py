@@ -12,13 +12,22 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from cluster.config import StrictModel
 from cluster.errors import UserError
 from jobs.awq_loader import awq_settings
+
+
+# The cores vLLM's CPU build binds its threads to (VLLM_CPU_OMP_THREADS_BIND), for batch and
+# served engines alike.
+CpuThreads = Annotated[str, Field(
+    pattern=r"^(auto|nobind|[0-9][0-9,\-]*)$",
+    description="the cores vLLM's CPU build binds its threads to (VLLM_CPU_OMP_THREADS_BIND): auto = every core of "
+                "the node but one, kept for its scheduler (engines that share a machine all take the same cores); "
+                "nobind = the OS places the threads; ids such as 0-1 = those cores")]
 
 
 class BatchEngine(StrictModel):
@@ -29,10 +38,7 @@ class BatchEngine(StrictModel):
     cpus: float = Field(default=1.0, gt=0, description="the engine's CPU bundle (CPU machines)")
     gpus: float = Field(default=0.0, ge=0, description="GPUs per engine replica (0: vLLM's CPU build)")
     kv_cache_gib: int = Field(default=1, ge=1, description="vLLM's KV cache on CPU (VLLM_CPU_KVCACHE_SPACE)")
-    cpu_threads: str = Field(default="auto", pattern=r"^(auto|nobind|[0-9][0-9,\-]*)$",
-                             description="the cores vLLM's CPU build binds its threads to (VLLM_CPU_OMP_THREADS_BIND): "
-                                         "auto = every core of the node but one, kept for its scheduler; ids such as "
-                                         "0-1 = those cores (a 2-core machine: auto leaves the engine one core)")
+    cpu_threads: CpuThreads = "auto"
     helper_cpus: float = Field(default=0.1, gt=0, description="CPUs of each light step around the engine (templating, "
                                                                "pre/post-processing); Ray Data LLM's default of 1 each "
                                                                "leaves a 2-CPU machine no room for the engine")

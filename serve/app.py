@@ -56,13 +56,8 @@ def build_app(cfg: ServeConfig, paths: dict[str, str], digests: list[str]):
         load_template(cfg.qa.template, cfg.prompt_dirs, {"question", "passages"})
 
     def options(limits) -> dict[str, Any]:
-        a = limits.autoscaling
-        auto = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                "initial_replicas": a.initial_replicas, "target_ongoing_requests": a.target_ongoing_requests,
-                "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s}
-        return {"max_ongoing_requests": limits.max_ongoing_requests, "max_queued_requests": limits.max_queued_requests,
-                "autoscaling_config": auto, "health_check_period_s": 5, "health_check_timeout_s": 30,
-                "ray_actor_options": {"num_cpus": limits.num_cpus, "num_gpus": limits.num_gpus}}
+        return {**limits.serve_options(), "ray_actor_options": {
+            "num_cpus": limits.num_cpus, "num_gpus": limits.num_gpus, "resources": dict(limits.resources)}}
 
     local = [m for m in cfg.models if m.source]
     if local and (why := vllm_unavailable()):
@@ -92,6 +87,17 @@ def app_builder(args: dict[str, Any]):
     """`serve deploy serve_config.yaml` entry point (keys read from the cluster's environment)."""
     cfg = ServeConfig.model_validate(args["config"])
     return build_app(cfg, args["paths"], api_key_digests(cfg.auth))
+
+
+def recipe_app_builder(args: dict[str, Any]):
+    """Entry point of the RayService that `aero cluster k8s` writes: the recipe is read on the
+    cluster, and the model paths come from its finished run (runs_dir on a shared volume)."""
+    from cluster.config import load_recipe
+    from cluster.runner import stage_context
+
+    recipe = load_recipe(args["recipe"])
+    cfg = recipe.stage_config("serve")
+    return build_app(cfg, model_paths(stage_context(recipe, "serve"), cfg), api_key_digests(cfg.auth))
 
 
 CLASSIFIER, GUARD, AUDIT = "moderation:classifier", "moderation:guard", "moderation:audit"

@@ -33,3 +33,24 @@ class DeploymentLimits(StrictModel):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="more Ray resources each replica asks for, e.g. a custom resource that "
+                                          "only one node pool offers, to place the replicas there")
+
+    @model_validator(mode="after")
+    def _custom_resources_only(self) -> "DeploymentLimits":
+        both = {"CPU", "GPU"} & set(self.resources)
+        if both:
+            raise ValueError(f"resources: set {', '.join(sorted(both))} with num_cpus / num_gpus instead")
+        if any(v <= 0 for v in self.resources.values()):
+            raise ValueError(f"resources: every amount must be > 0, got {self.resources}")
+        return self
+
+    def serve_options(self) -> dict:
+        """Ray Serve deployment options every deployment shares: autoscaling, admission, health checks."""
+        a = self.autoscaling
+        auto = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                "initial_replicas": a.initial_replicas, "target_ongoing_requests": a.target_ongoing_requests,
+                "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s}
+        return {"max_ongoing_requests": self.max_ongoing_requests, "max_queued_requests": self.max_queued_requests,
+                "autoscaling_config": auto, "health_check_period_s": 5, "health_check_timeout_s": 30}

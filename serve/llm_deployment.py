@@ -74,16 +74,8 @@ def llm_config(spec: ModelSpec, path: str):
         engine["quantization"] = "awq"  # 4-bit weights in vLLM's AWQ kernels (CPUWNA16 on CPU)
     engine.update(spec.engine_kwargs)
     limits = spec.deployment
-    a = limits.autoscaling
-    deployment = {"autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                                         "initial_replicas": a.initial_replicas,
-                                         "target_ongoing_requests": a.target_ongoing_requests,
-                                         "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s},
-                  "max_ongoing_requests": limits.max_ongoing_requests,
-                  "max_queued_requests": limits.max_queued_requests,
-                  # The replica actor itself asks for nothing: its placement bundle is the engine's.
-                  "ray_actor_options": {"num_cpus": 0},
-                  "health_check_period_s": 5, "health_check_timeout_s": 30}
+    # The replica actor itself asks for nothing: its placement bundle is the engine's.
+    deployment = {**limits.serve_options(), "ray_actor_options": {"num_cpus": 0}}
     if gpu:
         bundle = {"GPU": limits.num_gpus, "CPU": max(limits.num_cpus, 0.01)}
         accelerator: dict[str, Any] = {}
@@ -92,7 +84,8 @@ def llm_config(spec: ModelSpec, path: str):
         # A Ray placement bundle cannot be all zeros: a replica that asks for no CPU gets a sliver.
         bundle = {"CPU": max(limits.num_cpus, 0.01)}
         accelerator = {"accelerator_config": {"kind": "cpu"}}
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib)}
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": spec.cpu_threads}
+    bundle.update(limits.resources)
     return LLMConfig(model_loading_config={"model_id": spec.name, "model_source": path},
                      engine_kwargs=engine, deployment_config=deployment,
                      placement_group_config={"bundles": [bundle]}, runtime_env={"env_vars": env} if env else None,

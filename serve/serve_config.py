@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from cluster.config import StrictModel
+from jobs.vllm_batch import CpuThreads
 from serve.demo_check import DemoCheckConfig
 from serve.deployment_config import DeploymentLimits
 from serve.feedback.feedback_config import FeedbackConfig
@@ -44,6 +45,7 @@ class ModelSpec(StrictModel):
     enforce_eager: bool | None = Field(default=None, description="vLLM without graph compilation (default: on CPU, "
                                                                  "where compiling costs a minute per replica start)")
     kv_cache_gib: int = Field(default=1, ge=1, description="vLLM's KV cache on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    cpu_threads: CpuThreads = "auto"
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="more vLLM engine arguments, passed as is "
                                                                             "(e.g. tensor_parallel_size, dtype)")
     max_concurrent: int = Field(default=64, ge=1, description="requests in flight per gateway replica; more get 429")

@@ -325,3 +325,22 @@ def test_tune_searches_a_trl_stage_field(post_run):
     best = yaml.safe_load((post_run / "tune/best.yaml").read_text())
     assert set(best["dpo"]) == {"beta", "lr"} and best["dpo"]["beta"] in (0.05, 0.3)
 
+
+
+def test_the_rayservice_entry_point_finds_the_models_of_the_finished_run(post_run, tmp_path, monkeypatch):
+    """`serve.app:recipe_app_builder`, which `aero cluster k8s`'s RayService deploys, reads the
+    recipe on the cluster and resolves its models from the run folder."""
+    from ray.serve import Application
+
+    from serve.app import recipe_app_builder
+
+    section = {"models": [{"name": "sft", "source": "sft"}, {"name": "aero", "source": "quantize"}],
+               "qa": {"index": "qa_index"}}
+    monkeypatch.setenv("AERO_API_KEYS", "k8s-key")  # the RayService's pods read it from a Secret
+    found = tmp_path / "found.yaml"
+    found.write_text(yaml.safe_dump({"run": post_run.name, "runs_dir": str(post_run.parent), "serve": section}))
+    assert isinstance(recipe_app_builder({"recipe": str(found)}), Application)
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump({"run": post_run.name, "runs_dir": str(tmp_path / "empty"), "serve": section}))
+    with pytest.raises(UserError, match="stage 'serve' needs stage 'sft' of run 'post', which has not run"):
+        recipe_app_builder({"recipe": str(missing)})

@@ -60,6 +60,14 @@ def test_overlay_merges_sections(tmp_path):
         ("run: r\nstages: [data, dat]\n", "stages.1: unknown stage 'dat'"),
         ("run: [unclosed\n", "not valid YAML"),
         ("- a\n- b\n", "expected a mapping"),
+        # custom Ray resources: CPU/GPU have their own keys, amounts are positive
+        ("run: r\npretrain:\n  scaling: {resources: {CPU: 2}}\n", "set CPU with cpus_per_worker / use_gpu instead"),
+        ("run: r\nsft:\n  scaling: {resources: {pool: 0}}\n", "every amount must be > 0"),
+        ("run: r\ndata:\n  task_resources: {pool: many}\n", "data.task_resources.pool: Input should be a valid number"),
+        ("run: r\nserve:\n  models: [{name: m, source: sft, deployment: {resources: {GPU: 1}}}]\n",
+         "set GPU with num_cpus / num_gpus instead"),
+        ("run: r\nserve:\n  models: [{name: m, source: sft, cpu_threads: 'all'}]\n", "serve.models.0.cpu_threads"),
+        ("run: r\nkubernetes: [x]\n", "kubernetes: Input should be a valid dictionary"),
     ],
 )
 def test_config_errors_name_file_and_key(tmp_path, text, needle):

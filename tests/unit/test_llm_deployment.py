@@ -27,15 +27,16 @@ def test_a_cpu_model_gets_vllm_engine_arguments_bundles_and_autoscaling(tmp_path
 
     spec = ModelSpec.model_validate({
         "name": "m", "source": "sft", "max_batch": 4, "default_max_tokens": 32, "kv_cache_gib": 2,
-        "sampling_defaults": {"frequency_penalty": 1.0},
-        "deployment": {"num_cpus": 1, "max_ongoing_requests": 3, "autoscaling": {"min_replicas": 1, "max_replicas": 2}}})
+        "sampling_defaults": {"frequency_penalty": 1.0}, "cpu_threads": "nobind",
+        "deployment": {"num_cpus": 1, "max_ongoing_requests": 3, "resources": {"pool": 1},
+                       "autoscaling": {"min_replicas": 1, "max_replicas": 2}}})
     cfg = llm_config(spec, _model(tmp_path, "fp"))
     e = cfg.engine_kwargs
     assert e["max_model_len"] == 256 and e["max_num_seqs"] == 4 and e["enforce_eager"] is True
     assert e["override_generation_config"] == {"frequency_penalty": 1.0}
     assert "quantization" not in e
-    assert cfg.placement_group_config == {"bundles": [{"CPU": 1.0}]}
-    assert cfg.runtime_env == {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "2"}}
+    assert cfg.placement_group_config == {"bundles": [{"CPU": 1.0, "pool": 1}]}
+    assert cfg.runtime_env == {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}}
     d = cfg.deployment_config
     assert d["autoscaling_config"]["max_replicas"] == 2 and d["max_ongoing_requests"] == 3
     assert cfg.model_id == "m"
