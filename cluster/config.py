@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.errors import ConfigError
 
@@ -22,6 +22,20 @@ class StrictModel(BaseModel):
     """Base for every config model: unknown keys are errors, not silent no-ops."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _custom_resources(value: dict[str, float]) -> dict[str, float]:
+    both = {"CPU", "GPU"} & set(value)
+    if both:
+        raise ValueError(f"{' and '.join(sorted(both))} {'are' if len(both) == 2 else 'is'} set with this section's "
+                         "own keys, not here: list only custom resources")
+    if any(v <= 0 for v in value.values()):
+        raise ValueError(f"every amount must be > 0, got {value}")
+    return value
+
+
+# Custom Ray resources a task, worker or replica asks for (e.g. one that only a node pool offers).
+CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 
 
 class RayConfig(StrictModel):

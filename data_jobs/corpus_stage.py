@@ -19,7 +19,7 @@ from pathlib import Path
 import xxhash
 from pydantic import Field
 
-from cluster.config import StrictModel
+from cluster.config import CustomResources, StrictModel
 from cluster.manifest import atomic_write_text
 from cluster.stage import Stage, StageContext, StageResult
 from data_jobs.minhash import DedupConfig
@@ -39,9 +39,9 @@ class CorpusConfig(StrictModel):
     max_doc_chars: int = Field(default=1_000_000, ge=1)
     part_bytes: int = Field(default=32 << 20, ge=1, description="input bytes per resumable part")
     blocks_per_part: int = Field(default=8, ge=1)
-    task_resources: dict[str, float] = Field(
-        default_factory=dict, description="more Ray resources each cleaning task asks for, e.g. a custom resource "
-                                          "that only the CPU worker pool offers, to keep cleaning off the head")
+    task_resources: CustomResources = Field(default_factory=dict, description="custom Ray resources each cleaning "
+                                            "task asks for, e.g. one that only the CPU worker pool offers, to keep "
+                                            "cleaning off the head")
     shuffle_partitions: int = Field(default=4, ge=1, description="hash partitions of the dedup groupbys")
     val_fraction: float = Field(default=0.05, ge=0, lt=0.5, description="share of documents held out, by content hash")
     quality: QualityConfig = QualityConfig()

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from cluster.config import StrictModel
+from cluster.config import CustomResources, StrictModel
 
 # Older keys -> what to write instead (a recipe written for them fails with this message).
 RENAMED_KEYS = {
@@ -31,18 +31,8 @@ class Scaling(StrictModel):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         default="PACK", description="Ray Train's worker placement: PACK fills a node first, SPREAD puts workers "
                                     "on different nodes where it can")
-    resources: dict[str, float] = Field(
-        default_factory=dict, description="more Ray resources each worker needs, e.g. a custom resource that only "
-                                          "one node pool offers, to keep training on that pool")
-
-    @model_validator(mode="after")
-    def _no_cpu_or_gpu_in_resources(self) -> "Scaling":
-        both = {"CPU", "GPU"} & set(self.resources)
-        if both:
-            raise ValueError(f"resources: set {', '.join(sorted(both))} with cpus_per_worker / use_gpu instead")
-        if any(v <= 0 for v in self.resources.values()):
-            raise ValueError(f"resources: every amount must be > 0, got {self.resources}")
-        return self
+    resources: CustomResources = Field(default_factory=dict, description="custom Ray resources each worker needs, "
+                                       "e.g. one that only a node pool offers, to keep training on that pool")
 
     def ray_scaling(self):
         """Ray Train's ScalingConfig for these workers (pretrain and the TRL stages share it)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from cluster.config import StrictModel
+from cluster.config import CustomResources, StrictModel
 
 
 class Autoscaling(StrictModel):
@@ -33,18 +33,8 @@ class DeploymentLimits(StrictModel):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
-    resources: dict[str, float] = Field(
-        default_factory=dict, description="more Ray resources each replica asks for, e.g. a custom resource that "
-                                          "only one node pool offers, to place the replicas there")
-
-    @model_validator(mode="after")
-    def _custom_resources_only(self) -> "DeploymentLimits":
-        both = {"CPU", "GPU"} & set(self.resources)
-        if both:
-            raise ValueError(f"resources: set {', '.join(sorted(both))} with num_cpus / num_gpus instead")
-        if any(v <= 0 for v in self.resources.values()):
-            raise ValueError(f"resources: every amount must be > 0, got {self.resources}")
-        return self
+    resources: CustomResources = Field(default_factory=dict, description="custom Ray resources each replica asks "
+                                       "for, e.g. one that only a node pool offers, to place the replicas there")
 
     def serve_options(self) -> dict:
         """Ray Serve deployment options every deployment shares: autoscaling, admission, health checks."""
