@@ -83,17 +83,27 @@ def _wait_for(predicate, what: str, timeout: float = 300):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
-def nodes(ray_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def worker_nodes(ray_cluster, tmp_path_factory):
     import ray
 
     if not ray.is_initialized():
         ray.init(address=ray_cluster["address"])
-    pool = WorkerNodes(ray_cluster["address"], tmp_path)
+    pool = WorkerNodes(ray_cluster["address"], tmp_path_factory.mktemp("nodes"))
     pool.add("a")
     pool.add("b")
     yield pool
     pool.close()
+
+
+@pytest.fixture
+def nodes(worker_nodes):
+    """Worker nodes `a` and `b`; a test may lose `b` and add `c`, and gets `a` + `b` back after."""
+    yield worker_nodes
+    if "c" in worker_nodes.procs:
+        worker_nodes.kill("c")
+    if "b" not in worker_nodes.procs:
+        worker_nodes.add("b")
 
 
 def _aero(*args: str) -> subprocess.Popen:
@@ -180,7 +190,6 @@ def test_a_data_job_whose_node_dies_finishes_on_rerun_with_every_record_accounte
     first = _aero("run", "data", str(recipe))
     _wait_for(lambda: _cleaning_on(nodes, "b"), "a cleaning task on node b")
     nodes.kill("b")
-    nodes.add("c")
     first_output, _ = first.communicate(timeout=600)
     # Whether Ray retried the lost node's tasks or the run failed, a rerun finishes the job and
     # keeps the parts already cleaned.
