@@ -98,12 +98,13 @@ def worker_nodes(ray_cluster, tmp_path_factory):
 
 @pytest.fixture
 def nodes(worker_nodes):
-    """Worker nodes `a` and `b`; a test may lose `b` and add `c`, and gets `a` + `b` back after."""
+    """Worker nodes `a` and `b`; a test may lose one and add `c`, and gets `a` + `b` back after."""
     yield worker_nodes
     if "c" in worker_nodes.procs:
         worker_nodes.kill("c")
-    if "b" not in worker_nodes.procs:
-        worker_nodes.add("b")
+    for name in ("a", "b"):
+        if name not in worker_nodes.procs:
+            worker_nodes.add(name)
 
 
 def _aero(*args: str) -> subprocess.Popen:
@@ -157,15 +158,17 @@ def test_pretraining_survives_the_loss_of_a_worker_node_at_the_same_step_and_dat
     assert manifest["status"] == "finished" and manifest["metrics"]["step"] == steps
 
 
-def _cleaning_on(nodes: WorkerNodes, name: str) -> bool:
-    """A Ray Data cleaning task is running on node `name`."""
-    for pid in nodes.pids(name):
-        try:
-            if "clean_files" in " ".join(psutil.Process(pid).cmdline()):
-                return True
-        except psutil.NoSuchProcess:
-            pass
-    return False
+def _cleaning_node(nodes: WorkerNodes, job: subprocess.Popen) -> str | None:
+    """The worker node where a Ray Data cleaning task is running, if any."""
+    assert job.poll() is None, "the data job ended before a cleaning task was seen on a worker node"
+    for name in list(nodes.procs):
+        for pid in nodes.pids(name):
+            try:
+                if "clean_files" in " ".join(psutil.Process(pid).cmdline()):
+                    return name
+            except psutil.NoSuchProcess:
+                pass
+    return None
 
 
 def test_a_data_job_whose_node_dies_finishes_on_rerun_with_every_record_accounted_for(nodes, tmp_path):
@@ -188,8 +191,7 @@ def test_a_data_job_whose_node_dies_finishes_on_rerun_with_every_record_accounte
     }))
     stage = tmp_path / "runs/nodes/data"
     first = _aero("run", "data", str(recipe))
-    _wait_for(lambda: _cleaning_on(nodes, "b"), "a cleaning task on node b")
-    nodes.kill("b")
+    nodes.kill(_wait_for(lambda: _cleaning_node(nodes, first), "a cleaning task on a worker node"))
     first_output, _ = first.communicate(timeout=600)
     # Whether Ray retried the lost node's tasks or the run failed, a rerun finishes the job and
     # keeps the parts already cleaned.

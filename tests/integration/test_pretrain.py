@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,38 +70,6 @@ def test_zero3_trains(corpus_run):
     history = read_history(corpus_run / "zero3/pretrain/metrics.jsonl")
     assert manifest.metrics["step"] == 8 and history[-1]["loss"] < history[0]["loss"]
     assert AutoModelForCausalLM.from_pretrained(manifest.outputs["model"].path).config.num_hidden_layers == 2
-
-
-def _train_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-
-
-@pytest.mark.slow
-def test_killed_worker_resumes_at_same_step_with_the_data_order_continuing(corpus_run):
-    reference = corpus_run / "zero2/pretrain/metrics.jsonl"
-    if not reference.exists():
-        run_stage(_recipe(corpus_run, "zero2"), "pretrain")
-    recipe = _recipe(corpus_run, "killed")
-    results: dict = {}
-    thread = threading.Thread(target=lambda: results.setdefault("manifest", run_stage(recipe, "pretrain")))
-    thread.start()
-    storage = corpus_run / "killed/pretrain/ray_results/pretrain"
-    deadline = time.monotonic() + 300
-    while not list(storage.glob("checkpoint_*")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    victims = _train_workers()
-    assert victims, "no Ray Train worker process found to kill"
-    victims[0].kill()
-    thread.join(timeout=600)
-    manifest = results["manifest"]
-    assert manifest.status == "finished" and manifest.metrics["step"] == 16
-    history = read_history(corpus_run / "killed/pretrain/metrics.jsonl")
-    expected = read_history(reference)
-    assert [h["step"] for h in history] == list(range(1, 17))
-    assert [h["batch_checksum"] for h in history] == [h["batch_checksum"] for h in expected]
-    assert [h["consumed_micro_batches"] for h in history] == [h["consumed_micro_batches"] for h in expected]
-    log = (corpus_run / "killed/pretrain/metrics.jsonl").read_text().splitlines()
-    assert len(log) > 16, "the restarted workers relogged the steps after the last checkpoint"
 
 
 @pytest.mark.slow
