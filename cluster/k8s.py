@@ -16,7 +16,7 @@ same machines; the image, namespace and the volume that holds the runs come from
 Each pod template is checked against Kubernetes' own PodTemplate schema (the
 kubernetes-validate package, strict: unknown fields are errors) and the Serve config against
 Ray Serve's `ServeDeploySchema` before anything is written. KubeRay's own CRD schemas are not
-shipped (docs/stages/k8s.md says why), so the ray.io fields outside the pod templates are not
+shipped (docs/kubernetes.md says why), so the ray.io fields outside the pod templates are not
 schema-checked here.
 
 Written by hand because no maintained library emits KubeRay manifests from a Ray
@@ -176,7 +176,7 @@ def _ray_start_params(cfg: KubernetesConfig, group: NodeGroup) -> dict[str, str]
     return params
 
 
-def ray_cluster_spec(cfg: KubernetesConfig, recipe: Any, groups: list[NodeGroup], *, autoscale: bool = True) -> dict:
+def ray_cluster_spec(cfg: KubernetesConfig, recipe: Any, groups: list[NodeGroup]) -> dict:
     """The RayCluster spec (also the RayJob's and RayService's cluster)."""
     import ray
 
@@ -190,10 +190,9 @@ def ray_cluster_spec(cfg: KubernetesConfig, recipe: Any, groups: list[NodeGroup]
              "maxReplicas": g.max_workers, "rayStartParams": _ray_start_params(cfg, g),
              "template": _pod_template(cfg, recipe, g)}
             for g in groups if not g.head],
+        "enableInTreeAutoscaling": True,
+        "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": cfg.idle_timeout_s},
     }
-    if autoscale:
-        spec["enableInTreeAutoscaling"] = True
-        spec["autoscalerOptions"] = {"upscalingMode": "Default", "idleTimeoutSeconds": cfg.idle_timeout_s}
     return spec
 
 
@@ -204,10 +203,9 @@ def _metadata(cfg: KubernetesConfig, name: str) -> dict[str, Any]:
 def serve_config(recipe: Any, recipe_in_image: str) -> dict[str, Any]:
     """Ray Serve's deploy config for the recipe's serve stage: the app resolves its model paths
     from the run folder when it starts (`serve.app:recipe_app_builder`)."""
-    port = recipe.stage_config("serve").port
-    return {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": port},
-            "applications": [{"name": recipe.stage_config("serve").app_name,
-                              "route_prefix": recipe.stage_config("serve").route_prefix,
+    serve = recipe.stage_config("serve")
+    return {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": serve.port},
+            "applications": [{"name": serve.app_name, "route_prefix": serve.route_prefix,
                               "import_path": "serve.app:recipe_app_builder",
                               "args": {"recipe": recipe_in_image}}]}
 
@@ -224,6 +222,9 @@ def manifests(recipe: Any, recipe_path: str) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"kubernetes.image {cfg.image!r} differs from {cfg.cluster_file}'s docker.image {image!r}: "
                           "the two describe the same machines")
     name = cfg.name or recipe.run.lower().replace("_", "-").replace(".", "-")
+    if len(name) > 50 or not _DNS_LABEL.match(name):  # room for the -pipeline / -ray-token suffixes
+        raise ConfigError(f"{name!r} (from the run's name) is not a Kubernetes name of at most 50 characters: "
+                          "set kubernetes.name")
     cfg.token_secret = cfg.token_secret or f"{name}-ray-token"
     cfg.api_keys_secret = cfg.api_keys_secret or f"{name}-api-keys"
     cluster = ray_cluster_spec(cfg, recipe, groups)

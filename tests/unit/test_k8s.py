@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import ray
 import yaml
 
 from cluster.errors import UserError
@@ -68,7 +69,7 @@ def test_the_manifests_carry_the_cluster_files_machines_and_the_recipes_image(na
                 assert (group["minReplicas"], group["maxReplicas"]) == (node["min_workers"], node["max_workers"])
             if node["resources"].get("GPU"):
                 assert params["labels"] == f"ray.io/accelerator-type={node['labels']['ray.io/accelerator-type']}"
-        assert spec["rayVersion"] == __import__("ray").__version__
+        assert spec["rayVersion"] == ray.__version__
     serve = yaml.safe_load(out["rayservice.yaml"]["spec"]["serveConfigV2"])
     assert serve["applications"][0]["import_path"] == "serve.app:recipe_app_builder"
     assert serve["applications"][0]["args"] == {"recipe": f"{IMAGE_PROJECT}/configs/{name}.yaml"}
@@ -107,6 +108,10 @@ def test_bad_kubernetes_settings_are_refused_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     with pytest.raises(ConfigError, match="kubernetes.namespace"):
         manifests(_load("gpu-1b", namespace="Not_A_Name"), "/r.yaml")
+    long_run = _load("gpu-1b")
+    long_run.run = "r" * 60
+    with pytest.raises(ConfigError, match="from the run's name.*set kubernetes.name"):
+        manifests(long_run, "/r.yaml")
     with pytest.raises(ConfigError, match="kubernetes.imag: unknown key"):
         manifests(_load("gpu-1b", imag="x"), "/r.yaml")
     with pytest.raises(ConfigError, match="differs from ray_cluster.yaml's docker.image"):
