@@ -73,13 +73,13 @@ class WorkerNodes:
             self.kill(name)
 
 
-def _wait_for(predicate, what: str, timeout: float = 300):
+def _wait_for(predicate, what: str, timeout: float = 300, every: float = 0.25):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = predicate()
         if found:
             return found
-        time.sleep(0.25)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -176,14 +176,15 @@ def test_a_data_job_whose_node_dies_finishes_on_rerun_with_every_record_accounte
     corpus.mkdir()
     words = "ray data streams blocks through tasks on every node of the cluster while the driver waits".split()
     for i in range(48):
+        # ~40 KB each: cleaning tasks that last long enough to be seen (and lost) mid-run
         body = "\n\n".join(" ".join(words[(i + j) % len(words):] + words[: (i + j) % len(words)]) + f" part {i} {j}."
-                           for j in range(40))
+                           for j in range(400))
         (corpus / f"doc{i:02d}.txt").write_text(body)
     (corpus / "empty.txt").write_text("")  # rejected, and counted
     recipe = tmp_path / "data.yaml"
     recipe.write_text(yaml.safe_dump({
         "run": "nodes", "runs_dir": str(tmp_path / "runs"), "stages": ["data"],
-        "data": {"sources": [str(corpus)], "part_bytes": 40000, "blocks_per_part": 4, "val_fraction": 0.2,
+        "data": {"sources": [str(corpus)], "part_bytes": 400000, "blocks_per_part": 4, "val_fraction": 0.2,
                  "task_resources": {POOL: 1},  # cleaning runs on the worker nodes only
                  "dedup": {"exact": False, "near": False},
                  "quality": {"gopher_quality": {"enabled": False}, "gopher_repetition": {"enabled": False},
@@ -191,7 +192,7 @@ def test_a_data_job_whose_node_dies_finishes_on_rerun_with_every_record_accounte
     }))
     stage = tmp_path / "runs/nodes/data"
     first = _aero("run", "data", str(recipe))
-    nodes.kill(_wait_for(lambda: _cleaning_node(nodes, first), "a cleaning task on a worker node"))
+    nodes.kill(_wait_for(lambda: _cleaning_node(nodes, first), "a cleaning task on a worker node", every=0.05))
     first_output, _ = first.communicate(timeout=600)
     cleaned_before = len(list((stage / "parts_done").glob("part-*")))
     # Whether Ray retried the lost node's tasks or the run failed, a rerun finishes the job and
