@@ -123,7 +123,7 @@ def test_pretraining_survives_the_loss_of_a_worker_node_at_the_same_step_and_dat
     runs = tmp_path / "runs"
     copy_corpus(docs_corpus, runs, "nodes")
     recipe = tmp_path / "nodes.yaml"
-    steps = 24
+    steps = 16
     recipe.write_text(yaml.safe_dump({
         "run": "nodes", "runs_dir": str(runs), "stages": ["pretrain"],
         "pretrain": {"steps": steps, "global_batch": 8, "micro_batch": 2, "warmup_steps": 2, "lr": 3e-3,

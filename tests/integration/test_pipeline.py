@@ -19,7 +19,7 @@ import pytest
 from cluster.manifest import hash_path, read_manifest
 from tests.conftest import AERO, LENIENT_QUALITY, REPO, aero, free_port
 
-STEPS, EVERY = 24, 4
+STEPS, EVERY = 16, 4
 KEYS = {"AERO_API_KEYS": "e2e-key"}
 
 
