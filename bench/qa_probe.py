@@ -50,7 +50,7 @@ def main() -> None:
     from serve.embedder import Embedder
     from serve.prompt_fit import PromptFitter
     from serve.prompt_templates import load_template
-    from serve.qa.index import PassageIndex
+    from serve.qa.index import PassageIndex, numbered
 
     model_dir = str(args.run / args.model / "model")
     items = load_qa_items(args.run / "chat_data" / "qa_val.jsonl", args.items)
@@ -59,7 +59,7 @@ def main() -> None:
     prompts, candidates = [], []
     for item in items:
         hits = [p for p, _ in index.search(embedder.encode([item["question"]])[0], 5)]
-        pieces = [f"[{i}] {p.title}: {p.text}" for i, p in enumerate(hits, 1)]
+        pieces = numbered([(p.title, p.text) for p in hits])
         fitted = fitter.fit(template.messages(question=item["question"], passages=_SLOT), _SLOT, pieces, 48)
         prompts.append(fitter.tokenizer.apply_chat_template(fitted["messages"], add_generation_prompt=True,
                                                             tokenize=False))

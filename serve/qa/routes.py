@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.api_app import app
 from serve.openai_api import APIError, ChatRequest, new_id
+from serve.qa.index import numbered
 
 _SLOT = "\x00passages\x00"  # where the passages go; no user text can contain it after screening
 
@@ -58,7 +59,7 @@ class QARoutes:
                     "template": template.ref, "sources": []}
         question = screened[0]
         hits = await self.retriever.search.remote(question, body.k or self.cfg.qa.k)
-        pieces = [f"[{i}] {h['title']}: {h['text']}" for i, h in enumerate(hits, 1)]
+        pieces = numbered([(h["title"], h["text"]) for h in hits])
         max_tokens = body.max_tokens or self.cfg.qa.max_tokens
         messages = template.messages(question=question, passages=_SLOT)
         if spec.source:

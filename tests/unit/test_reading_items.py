@@ -13,6 +13,7 @@ from data_jobs.chat_data import READ_PROMPT, ChatDataConfig, corpus_pairs, prose
 from jobs.posttrain import half_of
 from serve.demo_check import contains_span, load_qa_items
 from serve.prompt_templates import load_template
+from serve.qa.index import numbered
 
 DOC = """The "pass" statement
 ********************
@@ -68,8 +69,10 @@ def test_held_out_documents_give_all_their_reading_items_to_qa_val_and_training_
 
 
 def test_the_reading_task_has_the_shape_of_the_qa_v2_template():
+    listed = numbered([("T", "P"), ("U", "Q")])  # how POST /v1/qa lists the retrieved passages
+    assert listed == ["[1] T: P", "[2] U: Q"]  # the reading task's `[1] title: passage`
     template = load_template("qa.v2", needs={"question", "passages"})
-    messages = template.messages(question="Q?", passages="[1] T: P")
+    messages = template.messages(question="Q?", passages=listed[0])
     assert messages == [{"role": "user", "content": READ_PROMPT.format(passages="[1] T: P", question="Q?")}]
 
 
