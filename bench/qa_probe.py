@@ -46,11 +46,12 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
+    from data_jobs.chat_data import numbered
     from serve.demo_check import contains_span, load_qa_items
     from serve.embedder import Embedder
     from serve.prompt_fit import PromptFitter
     from serve.prompt_templates import load_template
-    from serve.qa.index import PassageIndex, numbered
+    from serve.qa.index import PassageIndex
 
     model_dir = str(args.run / args.model / "model")
     items = load_qa_items(args.run / "chat_data" / "qa_val.jsonl", args.items)

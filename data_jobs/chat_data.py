@@ -94,6 +94,12 @@ QUESTION_FORMS = ("What is {t}?", "What does {t} do?", "Explain {t}.", "Tell me 
 KEY_SPAN_WORDS = 8
 
 
+def numbered(passages: list[tuple[str, str]]) -> list[str]:
+    """`[n] title: text` for each (title, text), numbered from 1: how READ_PROMPT lists passages,
+    in the reading task here and in the Q&A route's prompt (`POST /v1/qa`)."""
+    return [f"[{n}] {title}: {text}" for n, (title, text) in enumerate(passages, 1)]
+
+
 def _is_heading(paragraph: str) -> bool:
     lines = paragraph.strip("\n").splitlines()
     return len(lines) == 2 and _is_rule(lines[1])
@@ -147,7 +153,7 @@ def read_pair(title: str, topic: str, body: list[str], cfg: ChatDataConfig, rng:
     if not _readable(first, cfg) or first not in passage:
         return None
     question = rng.choice(QUESTION_FORMS).format(t=_subject(topic))
-    return {"task": "read", "prompt": READ_PROMPT.format(passages=f"[1] {title}: {passage}", question=question),
+    return {"task": "read", "prompt": READ_PROMPT.format(passages=numbered([(title, passage)])[0], question=question),
             "answer": f"{first} [1]", "question": question, "key_span": " ".join(first.split()[:KEY_SPAN_WORDS])}
 
 

@@ -37,12 +37,6 @@ class Passage:
         return asdict(self)
 
 
-def numbered(passages: list[tuple[str, str]]) -> list[str]:
-    """`[n] title: text` for each (title, text), numbered from 1: how the Q&A prompt lists the
-    passages, in the shape chat_data's reading task trains on."""
-    return [f"[{n}] {title}: {text}" for n, (title, text) in enumerate(passages, 1)]
-
-
 def title_of(doc_id: str, text: str) -> str:
     """The document's first heading-like line (pydoc topics and Markdown start with one),
     else its file name."""

@@ -16,9 +16,9 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from data_jobs.chat_data import numbered
 from serve.api_app import app
 from serve.openai_api import APIError, ChatRequest, new_id
-from serve.qa.index import numbered
 
 _SLOT = "\x00passages\x00"  # where the passages go; no user text can contain it after screening
 

@@ -9,11 +9,10 @@ import json
 import pytest
 
 from cluster.errors import UserError
-from data_jobs.chat_data import READ_PROMPT, ChatDataConfig, corpus_pairs, prose_pairs, reading_topics
+from data_jobs.chat_data import READ_PROMPT, ChatDataConfig, corpus_pairs, numbered, prose_pairs, reading_topics
 from jobs.posttrain import half_of
 from serve.demo_check import contains_span, load_qa_items
 from serve.prompt_templates import load_template
-from serve.qa.index import numbered
 
 DOC = """The "pass" statement
 ********************
