@@ -69,8 +69,15 @@ class WorkerNodes:
         self.procs.pop(name).wait(timeout=30)
 
     def close(self) -> None:
-        for name in list(self.procs):
+        """Lose every node, then wait until the head has marked them dead: until then it may
+        still place the next module's tasks on them (a Ray Data reader there died with its node)."""
+        import ray
+
+        names = list(self.procs)
+        for name in names:
             self.kill(name)
+        _wait_for(lambda: not any(n["Alive"] and any(n["Resources"].get(f"node_{x}") for x in names)
+                                  for n in ray.nodes()), "the lost nodes to be marked dead", timeout=180)
 
 
 def _wait_for(predicate, what: str, timeout: float = 300, every: float = 0.25):
